@@ -1,0 +1,128 @@
+//! The builtin agent: offline and deterministic, but it really works on the message. It
+//! always reads the message with a tool, calls the calculator or the clock when the
+//! message needs one, and streams its answer word by word at the configured pace.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::tools::{self, Tool};
+use super::{Answer, RunContext, RunFailure};
+use crate::protocol::EventType;
+
+/// The builtin provider's settings.
+#[derive(Debug, Clone)]
+pub struct Builtin {
+    /// Pause between streamed chunks; zero streams the answer as one chunk.
+    pub token_delay: Duration,
+}
+
+impl Builtin {
+    pub async fn run(&self, ctx: &RunContext) -> Result<Answer, RunFailure> {
+        let text = ctx.text.as_str();
+        let mut tools_used = vec![Tool::AnalyzeMessage];
+        let expression = tools::find_expression(text);
+        if expression.is_some() {
+            tools_used.push(Tool::Calculator);
+        }
+        let lowered = text.to_lowercase();
+        if lowered.split(|c: char| !c.is_alphanumeric()).any(|w| matches!(w, "time" | "date" | "today" | "clock")) {
+            tools_used.push(Tool::Clock);
+        }
+        let total_steps = tools_used.len() as u64 + 1;
+        ctx.emit(
+            EventType::AgentThinking,
+            json!({"reasoning": "Reading your message", "step_number": 1, "total_steps": total_steps,
+                   "progress_percentage": 100 / (total_steps + 1), "status": "thinking"}),
+        )
+        .await?;
+
+        let mut sentences = Vec::new();
+        for (i, tool) in tools_used.iter().enumerate() {
+            let args = match tool {
+                Tool::AnalyzeMessage => json!({"text": text}),
+                Tool::Calculator => json!({"expression": expression.clone().unwrap_or_default()}),
+                Tool::Clock => json!({}),
+            };
+            ctx.emit(
+                EventType::ToolExecuting,
+                json!({"tool_name": tool.name(), "parameters": args, "status": "executing",
+                       "message": format!("Running {}", tool.name())}),
+            )
+            .await?;
+            let started = Instant::now();
+            let result = tool.run(&args);
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            let (result_json, message) = match &result {
+                Ok(v) => (v.clone(), format!("{} finished", tool.name())),
+                Err(e) => (json!({"error": e}), format!("{} failed: {e}", tool.name())),
+            };
+            ctx.emit(
+                EventType::ToolCompleted,
+                json!({"tool_name": tool.name(), "result": result_json, "execution_time_ms": elapsed_ms,
+                       "status": "completed", "message": message}),
+            )
+            .await?;
+            if let Ok(v) = result {
+                match tool {
+                    Tool::Calculator => sentences.push(format!(
+                        "{} = {}.",
+                        v["expression"].as_str().unwrap_or(""),
+                        v["value"].as_str().unwrap_or("")
+                    )),
+                    Tool::Clock => sentences.push(format!("It is {} (UTC).", v["utc"].as_str().unwrap_or(""))),
+                    Tool::AnalyzeMessage => {}
+                }
+            }
+            if i + 1 < tools_used.len() {
+                ctx.emit(
+                    EventType::AgentThinking,
+                    json!({"reasoning": format!("Checked with {}", tool.name()), "step_number": i as u64 + 2,
+                           "total_steps": total_steps, "progress_percentage": 100 * (i as u64 + 2) / (total_steps + 1),
+                           "status": "thinking"}),
+                )
+                .await?;
+            }
+        }
+
+        if sentences.is_empty() {
+            let words = text.split_whitespace().count();
+            sentences.push(format!(
+                "You wrote {words} word{}{}. I am netra's builtin agent and I work offline: I can do arithmetic \
+                 (try \"what is 12 * (3 + 4)?\") and tell the time. Set LLM_BASE_URL to talk to a real model.",
+                if words == 1 { "" } else { "s" },
+                if text.trim_end().ends_with('?') { ", and asked a question" } else { "" },
+            ));
+        }
+        // The run sees the thread's earlier conversation.
+        let earlier: Vec<&str> =
+            ctx.history.iter().rev().skip(1).filter(|m| m.role == "user").map(|m| m.content.as_str()).collect();
+        if let Some(previous) = earlier.first() {
+            let shown: String = previous.chars().take(80).collect();
+            sentences.push(format!(
+                "Earlier in this thread ({} message{} from you) you wrote: \"{shown}\".",
+                earlier.len(),
+                if earlier.len() == 1 { "" } else { "s" }
+            ));
+        }
+        let answer = sentences.join(" ");
+
+        ctx.emit(
+            EventType::AgentThinking,
+            json!({"reasoning": "Writing the answer", "step_number": total_steps, "total_steps": total_steps,
+                   "progress_percentage": 100 * total_steps / (total_steps + 1), "status": "thinking"}),
+        )
+        .await?;
+        if self.token_delay.is_zero() {
+            ctx.emit(EventType::PartialResult, json!({"content": answer, "is_complete": false})).await?;
+        } else {
+            let words: Vec<&str> = answer.split(' ').collect();
+            for (i, word) in words.iter().enumerate() {
+                let chunk = if i + 1 < words.len() { format!("{word} ") } else { (*word).to_string() };
+                ctx.emit(EventType::PartialResult, json!({"content": chunk, "is_complete": false})).await?;
+                tokio::time::sleep(self.token_delay).await;
+            }
+        }
+        Ok(Answer { text: answer, tools: tools_used.iter().map(|t| t.name().to_string()).collect() })
+    }
+}

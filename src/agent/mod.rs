@@ -1,0 +1,429 @@
+//! The agent supervisor: starts runs as tracked tasks with a deadline and a cancellation
+//! token, enforces the per-user limit on concurrent runs, stops runs on request, and
+//! drains them on shutdown. A run only emits events through delivery; it never touches
+//! a socket, and every run ends with a persisted final event and status.
+
+mod builtin;
+pub mod tools;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use builtin::Builtin;
+
+use crate::delivery::{Delivery, DeliveryError};
+use crate::protocol::{EventType, now_rfc3339};
+use crate::store::{Message, NewEvent, Row, Store, StoreError, WriteJob};
+use crate::telemetry::metric;
+
+/// The name every event of a run carries in `agent_name`.
+pub const AGENT_NAME: &str = "supervisor";
+
+/// Where a run's words come from.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    Builtin(Builtin),
+}
+
+/// A finished answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub text: String,
+    pub tools: Vec<String>,
+}
+
+/// Why a run could not produce an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RunFailure {
+    #[error("could not record the run's progress: {0}")]
+    Delivery(#[from] DeliveryError),
+    #[error("could not read the thread's history: {0}")]
+    History(#[from] StoreError),
+}
+
+/// What a provider sees of the run it works on.
+pub struct RunContext {
+    pub run_id: String,
+    pub thread_id: String,
+    pub owner: String,
+    pub text: String,
+    /// The thread's messages, oldest first, ending with this run's user message.
+    pub history: Vec<Message>,
+    delivery: Delivery,
+}
+
+impl RunContext {
+    /// Persists and publishes one event of this run.
+    pub async fn emit(&self, kind: EventType, payload: Value) -> Result<(), DeliveryError> {
+        let job = WriteJob {
+            thread_id: self.thread_id.clone(),
+            rows: Vec::new(),
+            events: vec![run_event(kind, &self.run_id, &payload)],
+        };
+        self.delivery.commit(job, &self.owner).await.map(|_| ())
+    }
+}
+
+fn run_event(kind: EventType, run_id: &str, payload: &Value) -> NewEvent {
+    NewEvent {
+        kind,
+        run_id: Some(run_id.to_string()),
+        agent_name: Some(AGENT_NAME.to_string()),
+        timestamp: now_rfc3339(),
+        payload: to_raw(payload),
+    }
+}
+
+fn to_raw(v: &Value) -> Box<RawValue> {
+    RawValue::from_string(v.to_string()).expect("a serialized Value is valid JSON")
+}
+
+/// Why a run was not started. Each maps to one §6c code in the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("thread not found")]
+    Forbidden,
+    #[error("too many runs in progress for this user")]
+    Busy,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+/// A run that was accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunStarted {
+    pub run_id: String,
+    pub thread_id: String,
+}
+
+struct ActiveRun {
+    user_id: String,
+    thread_id: String,
+    cancel: CancellationToken,
+}
+
+struct Inner {
+    delivery: Delivery,
+    store: Store,
+    provider: Provider,
+    node_id: String,
+    runs_per_user: usize,
+    deadline: Duration,
+    runs: Mutex<HashMap<String, ActiveRun>>,
+    tracker: TaskTracker,
+    accepting: AtomicBool,
+}
+
+/// Owns every run on this node.
+#[derive(Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+/// How a run ended; persisted as the run's status.
+#[derive(Debug)]
+enum Ending {
+    Completed(Answer),
+    Cancelled,
+    TimedOut,
+    Failed(RunFailure),
+}
+
+impl Supervisor {
+    pub fn new(
+        delivery: Delivery,
+        store: Store,
+        provider: Provider,
+        node_id: String,
+        runs_per_user: usize,
+        deadline: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                delivery,
+                store,
+                provider,
+                node_id,
+                runs_per_user,
+                deadline,
+                runs: Mutex::new(HashMap::new()),
+                tracker: TaskTracker::new(),
+                accepting: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    fn runs(&self) -> std::sync::MutexGuard<'_, HashMap<String, ActiveRun>> {
+        self.inner.runs.lock().expect("runs lock is never held across a panic")
+    }
+
+    /// Ends the runs a previous process on this node left marked `running`: each gets
+    /// a persisted failure so clients that resume see how it ended.
+    pub async fn close_interrupted_runs(&self) -> Result<usize, StartError> {
+        let interrupted = self.inner.store.interrupted_runs(&self.inner.node_id).await.map_err(StartError::Store)?;
+        for run in &interrupted {
+            let owner = match self.inner.store.thread(&run.thread_id).await {
+                Ok(t) => t.owner_id,
+                Err(StoreError::NotFound) => continue,
+                Err(e) => return Err(StartError::Store(e)),
+            };
+            let message = "the run was interrupted when the server stopped";
+            let job = ending_job(
+                &run.thread_id,
+                &run.run_id,
+                "interrupted",
+                failure_events(&run.run_id, message, "interrupted"),
+                Some(message),
+            );
+            self.inner.delivery.commit(job, &owner).await?;
+            tracing::info!(run_id = %run.run_id, "marked run interrupted");
+        }
+        Ok(interrupted.len())
+    }
+
+    /// Starts a run on `text` in `thread_id` (a new thread when `None`). The user's
+    /// message, the run and its first events are one transaction.
+    pub async fn start(&self, user_id: &str, thread_id: Option<&str>, text: &str) -> Result<RunStarted, StartError> {
+        if !self.inner.accepting.load(Ordering::Acquire) {
+            return Err(StartError::ShuttingDown);
+        }
+        let run_id = format!("run_{}", uuid::Uuid::new_v4().simple());
+        let cancel = CancellationToken::new();
+        let (thread_id, create) = match thread_id {
+            Some(id) => {
+                match self.inner.store.thread(id).await {
+                    Ok(t) if t.owner_id == user_id => {}
+                    Ok(_) | Err(StoreError::NotFound) => return Err(StartError::Forbidden),
+                    Err(e) => return Err(StartError::Store(e)),
+                }
+                (id.to_string(), false)
+            }
+            None => (format!("th_{}", uuid::Uuid::new_v4().simple()), true),
+        };
+        {
+            let mut runs = self.runs();
+            if runs.values().filter(|r| r.user_id == user_id).count() >= self.inner.runs_per_user {
+                return Err(StartError::Busy);
+            }
+            runs.insert(
+                run_id.clone(),
+                ActiveRun { user_id: user_id.to_string(), thread_id: thread_id.clone(), cancel: cancel.clone() },
+            );
+        }
+        let message_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+        let mut rows = Vec::new();
+        let mut events = Vec::new();
+        if create {
+            let title: String = text.chars().take(50).collect();
+            rows.push(Row::CreateThread { owner_id: user_id.to_string(), title: title.clone() });
+            events.push(NewEvent {
+                kind: EventType::ThreadCreated,
+                run_id: None,
+                agent_name: None,
+                timestamp: now_rfc3339(),
+                payload: to_raw(&json!({"thread_id": thread_id, "title": title})),
+            });
+        }
+        rows.push(Row::Message {
+            id: message_id.clone(),
+            role: "user",
+            content: text.to_string(),
+            run_id: Some(run_id.clone()),
+            event_index: events.len(),
+        });
+        rows.push(Row::StartRun {
+            run_id: run_id.clone(),
+            user_id: user_id.to_string(),
+            node_id: self.inner.node_id.clone(),
+        });
+        let mut echo = run_event(
+            EventType::UserMessage,
+            &run_id,
+            &json!({"message_id": message_id, "content": text, "role": "user"}),
+        );
+        echo.agent_name = None;
+        events.push(echo);
+        events.push(run_event(
+            EventType::AgentStarted,
+            &run_id,
+            &json!({"status": "started", "message": format!("{AGENT_NAME} started"), "context": {}}),
+        ));
+        let job = WriteJob { thread_id: thread_id.clone(), rows, events };
+        if let Err(e) = self.inner.delivery.commit(job, user_id).await {
+            self.runs().remove(&run_id);
+            return Err(e.into());
+        }
+        metrics::gauge!(metric::RUNS_ACTIVE).increment(1.0);
+        let started = RunStarted { run_id: run_id.clone(), thread_id: thread_id.clone() };
+        let this = self.clone();
+        let ctx = RunContext {
+            run_id,
+            thread_id,
+            owner: user_id.to_string(),
+            text: text.to_string(),
+            history: Vec::new(),
+            delivery: self.inner.delivery.clone(),
+        };
+        self.inner.tracker.spawn(async move { this.execute(ctx, cancel).await });
+        Ok(started)
+    }
+
+    #[tracing::instrument(name = "run", skip_all, fields(run_id = %ctx.run_id, thread_id = %ctx.thread_id))]
+    async fn execute(self, mut ctx: RunContext, cancel: CancellationToken) {
+        let started = Instant::now();
+        let work = async {
+            ctx.history = self.inner.store.recent_messages(&ctx.thread_id, 20).await?;
+            match &self.inner.provider {
+                Provider::Builtin(b) => b.run(&ctx).await,
+            }
+        };
+        let ending = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Ending::Cancelled,
+            r = tokio::time::timeout(self.inner.deadline, work) => match r {
+                Ok(Ok(answer)) => Ending::Completed(answer),
+                Ok(Err(failure)) => Ending::Failed(failure),
+                Err(_) => Ending::TimedOut,
+            },
+        };
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let (status, job) = match &ending {
+            Ending::Completed(answer) => {
+                let events = vec![
+                    run_event(
+                        EventType::AgentCompleted,
+                        &ctx.run_id,
+                        &json!({"status": "completed", "result": {"response": answer.text, "tools": answer.tools},
+                                "execution_time_ms": elapsed_ms, "metrics": {}, "message": format!("{AGENT_NAME} completed")}),
+                    ),
+                    run_event(
+                        EventType::FinalReport,
+                        &ctx.run_id,
+                        &json!({"executive_summary": answer.text, "report": {}, "recommendations": [],
+                                "action_plan": "", "total_duration_ms": elapsed_ms}),
+                    ),
+                ];
+                let mut job = ending_job(&ctx.thread_id, &ctx.run_id, "completed", events, None);
+                job.rows.push(Row::Message {
+                    id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
+                    role: "assistant",
+                    content: answer.text.clone(),
+                    run_id: Some(ctx.run_id.clone()),
+                    event_index: 1,
+                });
+                ("completed", job)
+            }
+            Ending::Cancelled => {
+                let events = vec![run_event(
+                    EventType::AgentCompleted,
+                    &ctx.run_id,
+                    &json!({"status": "cancelled", "result": {}, "execution_time_ms": elapsed_ms,
+                            "message": "the run was stopped"}),
+                )];
+                ("cancelled", ending_job(&ctx.thread_id, &ctx.run_id, "cancelled", events, None))
+            }
+            Ending::TimedOut => {
+                let message = format!("the run exceeded its deadline of {} s", self.inner.deadline.as_secs());
+                let events = failure_events(&ctx.run_id, &message, "timed_out");
+                ("timed_out", ending_job(&ctx.thread_id, &ctx.run_id, "timed_out", events, Some(&message)))
+            }
+            Ending::Failed(failure) => {
+                tracing::warn!(error = %failure, "run failed");
+                let message = "the agent failed; see the server log".to_string();
+                let events = failure_events(&ctx.run_id, &message, "failed");
+                ("failed", ending_job(&ctx.thread_id, &ctx.run_id, "failed", events, Some(&failure.to_string())))
+            }
+        };
+        if let Err(e) = self.inner.delivery.commit(job, &ctx.owner).await {
+            // The run stays marked running and is closed as interrupted at next start.
+            tracing::error!(error = %e, status, "could not record the end of a run");
+        }
+        metrics::counter!(metric::RUNS, "outcome" => status).increment(1);
+        metrics::gauge!(metric::RUNS_ACTIVE).decrement(1.0);
+        self.runs().remove(&ctx.run_id);
+    }
+
+    /// Cancels the user's runs named by `run_id`, or in `thread_id`, or all of them.
+    /// Returns how many were asked to stop; zero is a normal no-op.
+    pub fn stop(&self, user_id: &str, run_id: Option<&str>, thread_id: Option<&str>) -> usize {
+        let runs = self.runs();
+        let mut n = 0;
+        for (id, run) in runs.iter() {
+            let selected = match (run_id, thread_id) {
+                (Some(r), _) => r == id,
+                (None, Some(t)) => t == run.thread_id,
+                (None, None) => true,
+            };
+            if run.user_id == user_id && selected {
+                run.cancel.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    pub fn active_runs(&self) -> usize {
+        self.runs().len()
+    }
+
+    /// Refuses new runs, lets running ones finish within `window`, then cancels the rest
+    /// and waits for their endings to be persisted.
+    pub async fn drain(&self, window: Duration) {
+        self.inner.accepting.store(false, Ordering::Release);
+        self.inner.tracker.close();
+        let active = self.active_runs();
+        if active > 0 {
+            tracing::info!(active, window_ms = window.as_millis() as u64, "draining agent runs");
+        }
+        if tokio::time::timeout(window, self.inner.tracker.wait()).await.is_err() {
+            let names: Vec<String> = self.runs().keys().cloned().collect();
+            tracing::warn!(runs = ?names, "drain window over; cancelling runs");
+            for run in self.runs().values() {
+                run.cancel.cancel();
+            }
+            if tokio::time::timeout(Duration::from_secs(5), self.inner.tracker.wait()).await.is_err() {
+                tracing::error!("cancelled runs did not finish within 5 s");
+            }
+        }
+    }
+}
+
+fn failure_events(run_id: &str, message: &str, reason: &str) -> Vec<NewEvent> {
+    vec![
+        run_event(
+            EventType::AgentError,
+            run_id,
+            &json!({"status": "error", "error_message": message, "error_context": {"reason": reason}, "message": message}),
+        ),
+        run_event(
+            EventType::Error,
+            run_id,
+            &json!({"code": "agent_failed", "message": message, "error_message": message, "reason": reason}),
+        ),
+    ]
+}
+
+fn ending_job(
+    thread_id: &str,
+    run_id: &str,
+    status: &'static str,
+    events: Vec<NewEvent>,
+    error: Option<&str>,
+) -> WriteJob {
+    WriteJob {
+        thread_id: thread_id.to_string(),
+        rows: vec![Row::EndRun { run_id: run_id.to_string(), status, error: error.map(str::to_string) }],
+        events,
+    }
+}

@@ -1,0 +1,574 @@
+//! The typed configuration: embedded defaults, then an optional `netra.toml`, then the
+//! environment. Raw text becomes a validated [`Config`] or the list of every problem at
+//! once, so an operator fixes a bad deployment in one round instead of one variable per
+//! restart. This is the only module that reads the process environment; `ENVIRONMENT`
+//! changes defaults here and nowhere else. There is no test mode: tests differ from
+//! production only in the values they pass.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// One invalid or missing setting: which variable, what was wrong, how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}{shown}: {problem}; {fix}", shown = display_value(.value))]
+pub struct ConfigError {
+    /// The environment variable (or `netra.toml` key, upper-cased) at fault.
+    pub var: String,
+    /// The offending value, already masked when it is a secret.
+    pub value: Option<String>,
+    pub problem: String,
+    pub fix: String,
+}
+
+fn display_value(value: &Option<String>) -> String {
+    value.as_ref().map(|v| format!("={v:?}")).unwrap_or_default()
+}
+
+/// A documented setting. The table drives unknown-variable detection, `netra check`
+/// and the README, so a variable cannot exist without a default and a meaning.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub meaning: &'static str,
+    secret: bool,
+}
+
+const fn var(name: &'static str, default: &'static str, meaning: &'static str) -> Variable {
+    Variable { name, default, meaning, secret: false }
+}
+
+/// Every setting netra reads, in the order the README lists them.
+pub const VARIABLES: &[Variable] = &[
+    var(
+        "ENVIRONMENT",
+        "development",
+        "development, staging or production; only changes the defaults marked (dev)/(prod)",
+    ),
+    var("HOST", "127.0.0.1", "address to bind"),
+    var(
+        "PORT",
+        "8000",
+        "port to bind; 0 picks a free one (the bound address is printed as `listening on http://ADDR`)",
+    ),
+    var("NETRA_DATA_DIR", "./data", "where the SQLite file and the generated development secret live"),
+    var("DATABASE_URL", "sqlite://$NETRA_DATA_DIR/netra.db", "`sqlite://PATH` or `postgres://USER@HOST:PORT/DB`"),
+    var("NETRA_DB_TIMEOUT", "10s", "how long startup keeps trying to reach the database before it gives up"),
+    Variable {
+        name: "JWT_SECRET",
+        default: "(dev) generated once into the data dir",
+        meaning: "HS256 secret for access and refresh tokens; required outside development",
+        secret: true,
+    },
+    var("NETRA_DEV_LOGIN", "(dev) true, (prod) false", "serve POST /auth/dev/login"),
+    var("NETRA_DEV_TOKEN_TTL", "24h", "lifetime of tokens from dev login and `netra token`"),
+    var("NETRA_STARTUP_WAIT", "30s", "how long a WebSocket upgrade waits for startup before closing 1011"),
+    var("NETRA_MAX_FRAME_BYTES", "131072", "largest inbound frame (at least 65536); larger closes 1009"),
+    var("NETRA_RATE_LIMIT", "120", "inbound frames per connection per NETRA_RATE_WINDOW; more get `rate_limited`"),
+    var("NETRA_RATE_WINDOW", "60s", "window of the inbound rate limit"),
+    var("NETRA_MAX_CONNECTIONS_PER_USER", "10", "open sockets per user; one more closes 1013"),
+    var("NETRA_MAX_RUNS_PER_USER", "3", "concurrent agent runs per user; one more gets `busy`"),
+    var(
+        "NETRA_SEND_QUEUE",
+        "1024",
+        "frames queued per connection; a consumer that falls this far behind is closed 1013",
+    ),
+    var("NETRA_REPLAY_BATCH", "500", "events read from the store per page when a client resumes"),
+    var("NETRA_RUN_DEADLINE", "120s", "longest an agent run may take (at most 120s)"),
+    var("NETRA_HEARTBEAT_INTERVAL", "20s", "WebSocket Ping control frame interval"),
+    var("NETRA_IDLE_TIMEOUT", "60s", "close 1001 after this long with no inbound frame"),
+    var("NETRA_DRAIN_TIMEOUT", "10s", "on SIGTERM, how long running runs may finish before they are cancelled"),
+    var("NETRA_AGENT_TOKEN_DELAY", "15ms", "builtin agent: pause between streamed words (0 for benchmarks)"),
+    var(
+        "NETRA_CORS_ORIGINS",
+        "http://localhost:3000,http://127.0.0.1:3000",
+        "origins allowed to call the REST API with credentials, comma-separated",
+    ),
+    var("NETRA_LOG", "info", "log filter (tracing EnvFilter syntax)"),
+    var("NETRA_LOG_FORMAT", "(dev) pretty, (prod) json", "pretty or json"),
+];
+
+/// Which deployment this is. It only picks defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    Staging,
+    Production,
+}
+
+impl FromStr for Environment {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "development" | "dev" | "local" => Ok(Self::Development),
+            "staging" => Ok(Self::Staging),
+            "production" | "prod" => Ok(Self::Production),
+            _ => Err("not one of development, staging, production".into()),
+        }
+    }
+}
+
+/// A value that must never reach a log line; `Debug` prints `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Where the store lives; the scheme picks the backend.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Sqlite(PathBuf),
+    Postgres(Secret),
+}
+
+impl DatabaseUrl {
+    fn parse(raw: &str) -> Result<Self, String> {
+        if let Some(path) = raw.strip_prefix("sqlite://").or_else(|| raw.strip_prefix("sqlite:")) {
+            let path = path.split('?').next().unwrap_or_default();
+            if path.is_empty() || path.starts_with(":memory:") {
+                return Err("an in-memory SQLite database would lose every thread on restart".into());
+            }
+            return Ok(Self::Sqlite(PathBuf::from(path)));
+        }
+        if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+            return Ok(Self::Postgres(Secret::new(raw)));
+        }
+        Err("unknown scheme".into())
+    }
+
+    /// The URL with any password replaced by `***`, safe to log.
+    pub fn masked(&self) -> String {
+        match self {
+            Self::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Self::Postgres(url) => mask_url_password(url.expose()),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Limits enforced per connection and per user. Each has a test that crosses it.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub rate_limit: u32,
+    pub rate_window: Duration,
+    pub connections_per_user: usize,
+    pub runs_per_user: usize,
+    pub send_queue: usize,
+    pub replay_batch: u32,
+    pub run_deadline: Duration,
+    pub heartbeat_interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// The whole validated configuration. Built once, then shared read-only.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub environment: Environment,
+    pub host: IpAddr,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub database: DatabaseUrl,
+    pub db_timeout: Duration,
+    /// `None` means: development, use (or create) the secret file in the data dir.
+    pub jwt_secret: Option<Secret>,
+    pub dev_login: bool,
+    pub dev_token_ttl: Duration,
+    pub startup_wait: Duration,
+    pub limits: Limits,
+    pub drain_timeout: Duration,
+    pub agent_token_delay: Duration,
+    pub cors_origins: Vec<String>,
+    pub log_filter: String,
+    pub log_format: LogFormat,
+}
+
+/// The longest any run may take, whatever the configuration says.
+pub const MAX_RUN_DEADLINE: Duration = Duration::from_secs(120);
+/// The frame limit may not go below this: the client's input box allows 10 000 characters.
+pub const MIN_FRAME_BYTES: usize = 64 * 1024;
+
+/// Reads the process environment and the config file. The one place that may.
+#[allow(clippy::disallowed_methods)]
+pub fn from_process(file: Option<&Path>) -> Result<Config, Vec<ConfigError>> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    load(&env, file)
+}
+
+/// Builds the configuration from an environment map and an optional TOML file whose keys
+/// are the variable names, lower-cased, with `NETRA_` dropped (`data_dir = "/srv/netra"`).
+pub fn load(env: &BTreeMap<String, String>, file: Option<&Path>) -> Result<Config, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
+    if let Some(path) = file {
+        match read_file(path) {
+            Ok(entries) => {
+                for (key, value) in entries {
+                    match VARIABLES.iter().find(|v| file_key(v.name) == key) {
+                        Some(v) => {
+                            values.insert(v.name, value);
+                        }
+                        None => errors.push(ConfigError {
+                            var: key.to_ascii_uppercase(),
+                            value: None,
+                            problem: format!("unknown key in {}", path.display()),
+                            fix: "remove it or correct its spelling (see the README's table)".into(),
+                        }),
+                    }
+                }
+            }
+            Err(problem) => errors.push(ConfigError {
+                var: "--config".into(),
+                value: Some(path.display().to_string()),
+                problem,
+                fix: "pass a readable TOML file of `key = value` lines".into(),
+            }),
+        }
+    }
+    for (key, value) in env {
+        if let Some(v) = VARIABLES.iter().find(|v| v.name == key) {
+            values.insert(v.name, value.clone());
+        } else if key.starts_with("NETRA_") {
+            errors.push(ConfigError {
+                var: key.clone(),
+                value: Some(value.clone()),
+                problem: "not a netra setting".into(),
+                fix: "remove it or correct its spelling (see the README's table)".into(),
+            });
+        }
+    }
+    let mut r = Reader { values, errors };
+    let config = r.build();
+    if r.errors.is_empty() { Ok(config) } else { Err(r.errors) }
+}
+
+fn file_key(name: &str) -> String {
+    name.strip_prefix("NETRA_").unwrap_or(name).to_ascii_lowercase()
+}
+
+fn read_file(path: &Path) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| format!("not valid TOML: {}", e.message()))?;
+    Ok(table
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|i| i.as_str().map(str::to_string).unwrap_or_else(|| i.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => other.to_string(),
+            };
+            (k, v)
+        })
+        .collect())
+}
+
+struct Reader {
+    values: BTreeMap<&'static str, String>,
+    errors: Vec<ConfigError>,
+}
+
+impl Reader {
+    fn raw(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+
+    fn fail(&mut self, name: &str, problem: impl Into<String>, fix: impl Into<String>) {
+        let secret = VARIABLES.iter().any(|v| v.name == name && v.secret);
+        let value = self.raw(name).map(|v| if secret { "***".to_string() } else { v.to_string() });
+        self.errors.push(ConfigError { var: name.to_string(), value, problem: problem.into(), fix: fix.into() });
+    }
+
+    fn parse<T: FromStr>(&mut self, name: &str, default: T, fix: &str) -> T
+    where
+        T::Err: fmt::Display,
+    {
+        let Some(raw) = self.raw(name) else { return default };
+        match raw.parse::<T>() {
+            Ok(v) => v,
+            Err(e) => {
+                self.fail(name, e.to_string(), fix);
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, name: &str, default: Duration) -> Duration {
+        let Some(raw) = self.raw(name) else { return default };
+        match humantime::parse_duration(raw) {
+            Ok(d) => d,
+            Err(e) => {
+                self.fail(name, e.to_string(), "write a duration such as 500ms, 30s, 2m or 1h");
+                default
+            }
+        }
+    }
+
+    fn positive<T: FromStr + PartialEq + Default + Copy>(&mut self, name: &str, default: T) -> T
+    where
+        T::Err: fmt::Display,
+    {
+        let v = self.parse(name, default, "write a positive whole number");
+        if v == T::default() {
+            self.fail(name, "must be greater than zero", "write a positive whole number");
+            return default;
+        }
+        v
+    }
+
+    fn build(&mut self) -> Config {
+        let environment = self.parse("ENVIRONMENT", Environment::Development, "use development, staging or production");
+        let dev = environment == Environment::Development;
+        let host = self.parse("HOST", IpAddr::from([127, 0, 0, 1]), "write an IP address such as 127.0.0.1 or 0.0.0.0");
+        let port = self.parse("PORT", 8000u16, "write a port number from 0 to 65535");
+        let data_dir = PathBuf::from(self.raw("NETRA_DATA_DIR").unwrap_or("./data"));
+        let database = match self.raw("DATABASE_URL") {
+            None => DatabaseUrl::Sqlite(data_dir.join("netra.db")),
+            Some(raw) => match DatabaseUrl::parse(raw) {
+                Ok(url) => url,
+                Err(problem) => {
+                    let fix = "use sqlite://PATH or postgres://USER@HOST:PORT/DB";
+                    let masked = mask_url_password(raw);
+                    self.errors.push(ConfigError {
+                        var: "DATABASE_URL".into(),
+                        value: Some(masked),
+                        problem,
+                        fix: fix.into(),
+                    });
+                    DatabaseUrl::Sqlite(data_dir.join("netra.db"))
+                }
+            },
+        };
+        let db_timeout = self.duration("NETRA_DB_TIMEOUT", Duration::from_secs(10));
+        let jwt_secret = self.raw("JWT_SECRET").map(Secret::new);
+        match &jwt_secret {
+            Some(s) if s.expose().len() < 16 => {
+                self.fail("JWT_SECRET", "shorter than 16 characters", "generate one with `openssl rand -hex 32`")
+            }
+            None if !dev => self.errors.push(ConfigError {
+                var: "JWT_SECRET".into(),
+                value: None,
+                problem: "required when ENVIRONMENT is staging or production".into(),
+                fix: "set it to a random string, e.g. from `openssl rand -hex 32`".into(),
+            }),
+            _ => {}
+        }
+        let dev_login = self.parse("NETRA_DEV_LOGIN", dev, "write true or false");
+        let dev_token_ttl = self.duration("NETRA_DEV_TOKEN_TTL", Duration::from_secs(24 * 3600));
+        let startup_wait = self.duration("NETRA_STARTUP_WAIT", Duration::from_secs(30));
+        let max_frame_bytes = self.parse("NETRA_MAX_FRAME_BYTES", 128 * 1024usize, "write a size in bytes");
+        if max_frame_bytes < MIN_FRAME_BYTES {
+            self.fail(
+                "NETRA_MAX_FRAME_BYTES",
+                format!("below {MIN_FRAME_BYTES}, which would cut long messages from the web client"),
+                "use 65536 or more",
+            );
+        }
+        let rate_limit = self.positive("NETRA_RATE_LIMIT", 120u32);
+        let rate_window = self.duration("NETRA_RATE_WINDOW", Duration::from_secs(60));
+        let connections_per_user = self.positive("NETRA_MAX_CONNECTIONS_PER_USER", 10usize);
+        let runs_per_user = self.positive("NETRA_MAX_RUNS_PER_USER", 3usize);
+        let send_queue = self.positive("NETRA_SEND_QUEUE", 1024usize);
+        let replay_batch = self.positive("NETRA_REPLAY_BATCH", 500u32);
+        let run_deadline = self.duration("NETRA_RUN_DEADLINE", MAX_RUN_DEADLINE);
+        if run_deadline > MAX_RUN_DEADLINE || run_deadline.is_zero() {
+            self.fail("NETRA_RUN_DEADLINE", "must be above zero and at most 120s", "use a duration up to 120s");
+        }
+        let heartbeat_interval = self.duration("NETRA_HEARTBEAT_INTERVAL", Duration::from_secs(20));
+        let idle_timeout = self.duration("NETRA_IDLE_TIMEOUT", Duration::from_secs(60));
+        if heartbeat_interval.is_zero() || heartbeat_interval >= idle_timeout {
+            self.fail(
+                "NETRA_HEARTBEAT_INTERVAL",
+                "must be above zero and shorter than NETRA_IDLE_TIMEOUT",
+                "pings keep healthy clients from idling out; use e.g. 20s with a 60s idle timeout",
+            );
+        }
+        let drain_timeout = self.duration("NETRA_DRAIN_TIMEOUT", Duration::from_secs(10));
+        let agent_token_delay = self.duration("NETRA_AGENT_TOKEN_DELAY", Duration::from_millis(15));
+        let cors_origins: Vec<String> = self
+            .raw("NETRA_CORS_ORIGINS")
+            .unwrap_or("http://localhost:3000,http://127.0.0.1:3000")
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_string())
+            .filter(|o| !o.is_empty())
+            .collect();
+        if let Some(bad) =
+            cors_origins.iter().find(|o| *o == "*" || !(o.starts_with("http://") || o.starts_with("https://")))
+        {
+            let problem = format!("{bad:?} is not an origin (credentials need exact origins, never *)");
+            self.fail("NETRA_CORS_ORIGINS", problem, "list origins such as http://localhost:3000");
+        }
+        let log_filter = self.raw("NETRA_LOG").unwrap_or("info").to_string();
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
+            self.fail("NETRA_LOG", e.to_string(), "use a filter such as info or netra=debug,info");
+        }
+        let log_format = match self.raw("NETRA_LOG_FORMAT") {
+            None if dev => LogFormat::Pretty,
+            None => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some("json") => LogFormat::Json,
+            Some(_) => {
+                self.fail("NETRA_LOG_FORMAT", "not pretty or json", "use pretty or json");
+                LogFormat::Pretty
+            }
+        };
+        Config {
+            environment,
+            host,
+            port,
+            data_dir,
+            database,
+            db_timeout,
+            jwt_secret,
+            dev_login,
+            dev_token_ttl,
+            startup_wait,
+            limits: Limits {
+                max_frame_bytes,
+                rate_limit,
+                rate_window,
+                connections_per_user,
+                runs_per_user,
+                send_queue,
+                replay_batch,
+                run_deadline,
+                heartbeat_interval,
+                idle_timeout,
+            },
+            drain_timeout,
+            agent_token_delay,
+            cors_origins,
+            log_filter,
+            log_format,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn empty_environment_gives_embedded_defaults() {
+        let c = load(&env(&[]), None).expect("defaults are valid");
+        assert_eq!(c.environment, Environment::Development);
+        assert_eq!(c.port, 8000);
+        assert_eq!(c.database, DatabaseUrl::Sqlite(PathBuf::from("./data/netra.db")));
+        assert!(c.dev_login);
+        assert_eq!(c.limits.max_frame_bytes, 131072);
+        assert_eq!(c.limits.rate_limit, 120);
+        assert_eq!(c.limits.connections_per_user, 10);
+        assert_eq!(c.limits.run_deadline, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn config_lists_every_invalid_variable() {
+        let errors = load(
+            &env(&[
+                ("PORT", "eighty"),
+                ("NETRA_MAX_FRAME_BYTES", "1024"),
+                ("NETRA_RUN_DEADLINE", "10m"),
+                ("NETRA_BOGUS", "1"),
+            ]),
+            None,
+        )
+        .expect_err("four problems");
+        let vars: Vec<&str> = errors.iter().map(|e| e.var.as_str()).collect();
+        assert_eq!(vars.len(), 4, "{errors:?}");
+        for v in ["PORT", "NETRA_MAX_FRAME_BYTES", "NETRA_RUN_DEADLINE", "NETRA_BOGUS"] {
+            assert!(vars.contains(&v), "{v} missing from {vars:?}");
+        }
+    }
+
+    #[test]
+    fn production_requires_a_secret_and_turns_dev_login_off() {
+        let errors = load(&env(&[("ENVIRONMENT", "production")]), None).expect_err("no secret");
+        assert_eq!(errors[0].var, "JWT_SECRET");
+        let c =
+            load(&env(&[("ENVIRONMENT", "production"), ("JWT_SECRET", "0123456789abcdef0123")]), None).expect("valid");
+        assert!(!c.dev_login);
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn secrets_and_passwords_never_print() {
+        let c = load(
+            &env(&[("JWT_SECRET", "super-secret-value-123"), ("DATABASE_URL", "postgres://bob:hunter2@db:5432/netra")]),
+            None,
+        )
+        .expect("valid");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("super-secret"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("postgres://bob:***@db:5432/netra"), "{shown}");
+        let errors = load(&env(&[("JWT_SECRET", "short")]), None).expect_err("too short");
+        assert!(!errors[0].to_string().contains("short\""), "{}", errors[0]);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("netra.toml");
+        std::fs::write(&path, "port = 9000\ndata_dir = \"/srv/netra\"\nrate_limit = 7\n").expect("write");
+        let c = load(&env(&[("PORT", "9001")]), Some(&path)).expect("valid");
+        assert_eq!(c.port, 9001);
+        assert_eq!(c.data_dir, PathBuf::from("/srv/netra"));
+        assert_eq!(c.limits.rate_limit, 7);
+        std::fs::write(&path, "prot = 1\n").expect("write");
+        let errors = load(&env(&[]), Some(&path)).expect_err("unknown key");
+        assert_eq!(errors[0].var, "PROT");
+    }
+
+    #[test]
+    fn unknown_database_scheme_is_an_error() {
+        let errors = load(&env(&[("DATABASE_URL", "mysql://x")]), None).expect_err("bad scheme");
+        assert_eq!(errors[0].var, "DATABASE_URL");
+    }
+}

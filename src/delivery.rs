@@ -1,0 +1,382 @@
+//! The one event path: persist, then publish. Every thread event gets its `seq` and is
+//! committed by the group-commit writer (one transaction per batch of whatever is
+//! pending), and only then handed to the open connections of the thread's owner. A user
+//! with no open connection is a normal outcome ([`DeliveryOutcome::Stored`]): the event
+//! is in the store and is read on resume.
+//!
+//! A producer never waits on a consumer: frames are offered to each connection's bounded
+//! queue with `try_send`; a connection whose queue is full is closed (1013) and counted,
+//! and its client catches up from the store by `seq`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::protocol::EventFrame;
+use crate::store::{Store, StoreError, WriteJob};
+use crate::telemetry::metric;
+
+/// What happened to one published event on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// Queued on this many connections.
+    Delivered(usize),
+    /// Persisted; no connection wanted it now.
+    Stored,
+    /// At least one connection could not take it and was closed; the event is stored.
+    Dropped(DropReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    QueueFull,
+}
+
+impl DeliveryOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Delivered(_) => "delivered",
+            Self::Stored => "stored",
+            Self::Dropped(DropReason::QueueFull) => "dropped_queue_full",
+        }
+    }
+}
+
+/// A close the server decided on; the connection's writer sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// How one connection currently follows one thread (§6b). No entry means the default:
+/// every event of the owner's threads, as it comes.
+#[derive(Debug)]
+enum Follow {
+    /// `unsubscribe`: nothing of this thread until it subscribes or sends into it.
+    Muted,
+    /// A `subscribe` replay is reading the store; live events are skipped (they are in
+    /// the store already) and the highest skipped `seq` tells the replay to read again.
+    Replaying { generation: u64, highest_live: u64 },
+    /// Caught up after a replay: live events at or below `last_seq` are duplicates.
+    Live { last_seq: u64 },
+}
+
+/// The server side of one WebSocket, as delivery sees it.
+pub struct Connection {
+    pub id: String,
+    pub user_id: String,
+    queue: mpsc::Sender<Utf8Bytes>,
+    close: Mutex<Option<CloseReason>>,
+    closed: CancellationToken,
+    follows: Mutex<HashMap<String, Follow>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl Connection {
+    /// A connection with a send queue of `capacity` frames; the receiver goes to the
+    /// socket's writer task.
+    pub fn new(id: String, user_id: String, capacity: usize) -> (Arc<Self>, mpsc::Receiver<Utf8Bytes>) {
+        let (queue, rx) = mpsc::channel(capacity);
+        let conn = Self {
+            id,
+            user_id,
+            queue,
+            close: Mutex::new(None),
+            closed: CancellationToken::new(),
+            follows: Mutex::new(HashMap::new()),
+            generation: Default::default(),
+        };
+        (Arc::new(conn), rx)
+    }
+
+    /// Queues a frame for this connection alone (replies, protocol errors). Waits for
+    /// room: only the connection's own tasks call this.
+    pub async fn send(&self, text: impl Into<Utf8Bytes>) -> bool {
+        self.queue.send(text.into()).await.is_ok()
+    }
+
+    /// Asks the writer to close the socket with `reason`; the first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        let mut slot = self.close.lock().expect("close lock is never held across a panic");
+        if slot.is_none() {
+            *slot = Some(reason);
+        }
+        drop(slot);
+        self.closed.cancel();
+    }
+
+    /// Resolves when someone called [`Connection::close`].
+    pub fn closing(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.closed.cancelled()
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        *self.close.lock().expect("close lock is never held across a panic")
+    }
+
+    /// Back to the default for this thread: the client sent into it (§6b).
+    pub fn follow_default(&self, thread_id: &str) {
+        self.follows().remove(thread_id);
+    }
+
+    pub fn mute(&self, thread_id: &str) {
+        self.follows().insert(thread_id.to_string(), Follow::Muted);
+    }
+
+    fn follows(&self) -> std::sync::MutexGuard<'_, HashMap<String, Follow>> {
+        self.follows.lock().expect("follows lock is never held across a panic")
+    }
+
+    /// Offers a live event; never waits.
+    fn offer(&self, seq: u64, thread_id: &str, text: &Utf8Bytes) -> Offer {
+        {
+            let mut follows = self.follows();
+            match follows.get_mut(thread_id) {
+                None => {}
+                Some(Follow::Muted) => return Offer::Skipped,
+                Some(Follow::Replaying { highest_live, .. }) => {
+                    *highest_live = (*highest_live).max(seq);
+                    return Offer::Skipped;
+                }
+                Some(Follow::Live { last_seq }) if seq <= *last_seq => return Offer::Skipped,
+                Some(Follow::Live { last_seq }) => *last_seq = seq,
+            }
+        }
+        match self.queue.try_send(text.clone()) {
+            Ok(()) => Offer::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(CloseReason { code: 1013, reason: "send queue full" });
+                Offer::Full
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Skipped,
+        }
+    }
+}
+
+enum Offer {
+    Queued,
+    Skipped,
+    Full,
+}
+
+/// The connections of this node, by user.
+#[derive(Default)]
+pub struct Registry {
+    users: Mutex<HashMap<String, Vec<Arc<Connection>>>>,
+}
+
+/// The user already has the maximum number of open connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyConnections;
+
+impl Registry {
+    fn users(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Connection>>>> {
+        self.users.lock().expect("registry lock is never held across a panic")
+    }
+
+    /// Adds a connection unless its user is at `limit`.
+    pub fn register(&self, conn: &Arc<Connection>, limit: usize) -> Result<(), TooManyConnections> {
+        let mut users = self.users();
+        let list = users.entry(conn.user_id.clone()).or_default();
+        if list.len() >= limit {
+            return Err(TooManyConnections);
+        }
+        list.push(conn.clone());
+        metrics::gauge!(metric::WS_CONNECTIONS).increment(1.0);
+        Ok(())
+    }
+
+    pub fn unregister(&self, conn: &Connection) {
+        let mut users = self.users();
+        if let Some(list) = users.get_mut(&conn.user_id) {
+            let before = list.len();
+            list.retain(|c| c.id != conn.id);
+            if list.len() < before {
+                metrics::gauge!(metric::WS_CONNECTIONS).decrement(1.0);
+            }
+            if list.is_empty() {
+                users.remove(&conn.user_id);
+            }
+        }
+    }
+
+    /// Closes every connection, e.g. with 1012 on shutdown.
+    pub fn close_all(&self, reason: CloseReason) -> usize {
+        let users = self.users();
+        let mut n = 0;
+        for conn in users.values().flatten() {
+            conn.close(reason);
+            n += 1;
+        }
+        n
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.users().values().map(Vec::len).sum()
+    }
+
+    fn dispatch(&self, owner: &str, frame: &EventFrame, text: &Utf8Bytes) -> DeliveryOutcome {
+        // Clone the list out so no registry lock is held while offering.
+        let conns: Vec<Arc<Connection>> = self.users().get(owner).cloned().unwrap_or_default();
+        let (mut queued, mut full) = (0, false);
+        for conn in &conns {
+            match conn.offer(frame.seq, &frame.thread_id, text) {
+                Offer::Queued => queued += 1,
+                Offer::Skipped => {}
+                Offer::Full => full = true,
+            }
+        }
+        if full {
+            DeliveryOutcome::Dropped(DropReason::QueueFull)
+        } else if queued > 0 {
+            DeliveryOutcome::Delivered(queued)
+        } else {
+            DeliveryOutcome::Stored
+        }
+    }
+}
+
+/// Why events could not be committed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the writer has stopped")]
+    Stopped,
+}
+
+struct Pending {
+    job: WriteJob,
+    owner: String,
+    queued_at: Instant,
+    reply: oneshot::Sender<Result<Vec<EventFrame>, DeliveryError>>,
+}
+
+/// Persist-then-publish for this node.
+#[derive(Clone)]
+pub struct Delivery {
+    writer: mpsc::Sender<Pending>,
+    pub registry: Arc<Registry>,
+    store: Store,
+    replay_batch: u32,
+}
+
+/// Most jobs written in one transaction.
+const MAX_BATCH: usize = 256;
+
+impl Delivery {
+    /// Starts the writer task on `tracker`; it ends when every `Delivery` clone is dropped
+    /// or `stop` is cancelled after the queue drained.
+    pub fn start(store: Store, replay_batch: u32, tracker: &TaskTracker) -> Self {
+        let (writer, rx) = mpsc::channel::<Pending>(4096);
+        let registry = Arc::new(Registry::default());
+        tracker.spawn(write_loop(store.clone(), registry.clone(), rx));
+        Self { writer, registry, store, replay_batch }
+    }
+
+    /// Commits a job (rows and events of one thread, atomically), publishes its events,
+    /// and returns them with their `seq`.
+    pub async fn commit(&self, job: WriteJob, owner: &str) -> Result<Vec<EventFrame>, DeliveryError> {
+        let (reply, rx) = oneshot::channel();
+        let pending = Pending { job, owner: owner.to_string(), queued_at: Instant::now(), reply };
+        self.writer.send(pending).await.map_err(|_| DeliveryError::Stopped)?;
+        rx.await.map_err(|_| DeliveryError::Stopped)?
+    }
+
+    /// Replays the thread's stored events after `after_seq` to `conn`, then hands it over
+    /// to live delivery with no gap and no duplicate (§6b). The follow state is set before
+    /// the first read, so an event committed during the replay is either read from the
+    /// store or seen live, and the `seq` check drops the second copy.
+    pub async fn replay(&self, conn: &Arc<Connection>, thread_id: &str, after_seq: u64) -> Result<(), DeliveryError> {
+        let generation = conn.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        conn.follows().insert(thread_id.to_string(), Follow::Replaying { generation, highest_live: 0 });
+        let mut last = after_seq;
+        loop {
+            let page = self.store.events_after(thread_id, last, self.replay_batch).await?;
+            let full_page = page.len() as u32 == self.replay_batch;
+            for frame in &page {
+                if !self.still_replaying(conn, thread_id, generation) {
+                    return Ok(());
+                }
+                if !conn.send(frame.to_text()).await {
+                    return Ok(());
+                }
+                metrics::counter!(metric::EVENTS_REPLAYED).increment(1);
+                last = frame.seq;
+            }
+            if full_page {
+                continue;
+            }
+            let mut follows = conn.follows();
+            match follows.get(thread_id) {
+                Some(Follow::Replaying { generation: g, highest_live }) if *g == generation => {
+                    if *highest_live > last {
+                        // Something was committed while we read; read the store again.
+                        continue;
+                    }
+                    follows.insert(thread_id.to_string(), Follow::Live { last_seq: last });
+                    return Ok(());
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    fn still_replaying(&self, conn: &Connection, thread_id: &str, generation: u64) -> bool {
+        matches!(conn.follows().get(thread_id), Some(Follow::Replaying { generation: g, .. }) if *g == generation)
+    }
+}
+
+async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mpsc::Receiver<Pending>) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        metrics::histogram!(metric::STORE_BATCH_JOBS).record(batch.len() as f64);
+        let jobs: Vec<WriteJob> = batch.iter().map(|p| p.job.clone()).collect();
+        match store.write_batch(&jobs).await {
+            Ok(written) => {
+                for (pending, frames) in batch.drain(..).zip(written) {
+                    publish(&registry, pending, frames);
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                tracing::warn!(error = %e, "event write failed");
+                let pending = batch.pop().expect("batch has one entry");
+                let _ = pending.reply.send(Err(e.into()));
+            }
+            Err(e) => {
+                // One bad job must not fail its neighbours: write each on its own.
+                tracing::warn!(error = %e, jobs = batch.len(), "batch write failed; retrying jobs one by one");
+                for pending in batch.drain(..) {
+                    match store.write_batch(std::slice::from_ref(&pending.job)).await {
+                        Ok(mut written) => {
+                            let frames = written.pop().expect("one job gives one result");
+                            publish(&registry, pending, frames);
+                        }
+                        Err(e) => {
+                            let _ = pending.reply.send(Err(e.into()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn publish(registry: &Registry, pending: Pending, frames: Vec<EventFrame>) {
+    for frame in &frames {
+        let text = Utf8Bytes::from(frame.to_text());
+        let outcome = registry.dispatch(&pending.owner, frame, &text);
+        metrics::counter!(metric::EVENTS, "outcome" => outcome.label()).increment(1);
+        if let DeliveryOutcome::Dropped(_) = outcome {
+            metrics::counter!(metric::EVENTS_DROPPED, "reason" => "queue_full").increment(1);
+        }
+    }
+    metrics::histogram!(metric::DELIVERY_LATENCY).record(pending.queued_at.elapsed().as_secs_f64());
+    let _ = pending.reply.send(Ok(frames));
+}

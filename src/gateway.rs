@@ -1,0 +1,375 @@
+//! The WebSocket gateway: upgrade, token extraction, the readiness wait, and per
+//! connection a reader (this task) and a writer task joined by the bounded send queue.
+//! It enforces the frame-size, rate and per-user connection limits and the heartbeat,
+//! answers every bad frame with an `error` frame, and never touches the database or the
+//! agent directly: it calls the supervisor and delivery only.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::agent::StartError;
+use crate::auth::{AuthError, TokenKind};
+use crate::delivery::{CloseReason, Connection};
+use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
+use crate::store::StoreError;
+use crate::telemetry::metric;
+use crate::{App, Shared};
+
+const CLOSE_NORMAL: CloseReason = CloseReason { code: 1000, reason: "" };
+const CLOSE_IDLE: CloseReason = CloseReason { code: 1001, reason: "idle timeout" };
+const CLOSE_TOO_BIG: CloseReason = CloseReason { code: 1009, reason: "frame too large" };
+const CLOSE_STARTUP: CloseReason = CloseReason { code: 1011, reason: "service startup incomplete" };
+const CLOSE_BUSY: CloseReason = CloseReason { code: 1013, reason: "try again later" };
+
+/// Where the token came from; the first source present is the only one used (§1.2).
+fn extract_token(headers: &HeaderMap, offered: &[String], query: Option<&str>) -> Result<String, AuthError> {
+    if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
+        let value = value.to_str().map_err(|_| AuthError::Malformed)?;
+        return value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Malformed);
+    }
+    if let Some(encoded) = offered.iter().find_map(|p| p.strip_prefix("jwt.")) {
+        let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let bytes = engine.decode(encoded.trim_end_matches('=')).map_err(|_| AuthError::Malformed)?;
+        return String::from_utf8(bytes).map_err(|_| AuthError::Malformed);
+    }
+    if let Some(query) = query {
+        for pair in query.split('&') {
+            if let Some(token) = pair.strip_prefix("token=") {
+                return Ok(token.to_string());
+            }
+        }
+    }
+    Err(AuthError::Missing)
+}
+
+fn offered_protocols(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// `GET /ws` and its aliases.
+pub(crate) async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if shared.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"detail": "server is shutting down"})))
+            .into_response();
+    }
+    let offered = offered_protocols(&headers);
+    let token = extract_token(&headers, &offered, query.as_deref());
+    let limit = shared.config.limits.max_frame_bytes;
+    let mut ws = ws.max_message_size(limit).max_frame_size(limit).read_buffer_size(4096).write_buffer_size(0);
+    if offered.iter().any(|p| p == "jwt-auth") {
+        ws = ws.protocols(["jwt-auth"]);
+    }
+    ws.on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed")).on_upgrade(
+        move |socket| async move {
+            let _tracked = shared.connections.token();
+            session(shared.clone(), socket, token).await;
+        },
+    )
+}
+
+async fn close_now(socket: &mut WebSocket, reason: CloseReason) {
+    metrics::counter!(metric::WS_CLOSES, "code" => reason.code.to_string()).increment(1);
+    let frame = CloseFrame { code: reason.code, reason: Utf8Bytes::from_static(reason.reason) };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+    // Wait briefly for the client's close reply so the close is clean on both sides.
+    let _ =
+        tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = socket.next().await {} }).await;
+}
+
+async fn session(shared: Arc<Shared>, mut socket: WebSocket, token: Result<String, AuthError>) {
+    metrics::counter!(metric::WS_CONNECTIONS_TOTAL).increment(1);
+    let Some(app) = shared.wait_for_app().await else {
+        close_now(&mut socket, CLOSE_STARTUP).await;
+        return;
+    };
+    let user = match token.and_then(|t| app.keys.verify(&t, TokenKind::Access)) {
+        Ok(user) => user,
+        Err(e) => {
+            metrics::counter!(metric::AUTH_FAILURES, "reason" => e.reason()).increment(1);
+            let (code, reason) = match e {
+                AuthError::Expired => (ErrorCode::TokenExpired, "Token expired"),
+                _ => (ErrorCode::Unauthorized, "unauthorized"),
+            };
+            let frame = protocol::error_frame(&ProtocolError::new(code, e.to_string()));
+            let _ = socket.send(Message::Text(frame.into())).await;
+            close_now(&mut socket, CloseReason { code: 1008, reason }).await;
+            return;
+        }
+    };
+    let limits = &shared.config.limits;
+    let conn_id = format!("c_{}", uuid::Uuid::new_v4().simple());
+    let (conn, queue) = Connection::new(conn_id.clone(), user.id.clone(), limits.send_queue);
+    if app.delivery.registry.register(&conn, limits.connections_per_user).is_err() {
+        close_now(&mut socket, CLOSE_BUSY).await;
+        return;
+    }
+    let span = tracing::info_span!("conn", conn_id = %conn_id, user_id = %user.id);
+    if let Err(e) = app.store.upsert_user(&user.id, user.email.as_deref(), user.name.as_deref()).await {
+        tracing::warn!(parent: &span, error = %e, "could not record the user");
+    }
+    let hello = protocol::connection_established(
+        &conn_id,
+        &user.id,
+        limits.heartbeat_interval.as_secs(),
+        limits.max_frame_bytes,
+    );
+    if socket.send(Message::Text(hello.into())).await.is_err() {
+        app.delivery.registry.unregister(&conn);
+        return;
+    }
+    let (sink, stream) = socket.split();
+    let writer = tokio::spawn(write_loop(sink, queue, conn.clone(), limits.heartbeat_interval));
+    tracing::Instrument::instrument(read_loop(&app, &shared, &conn, stream), span.clone()).await;
+    app.delivery.registry.unregister(&conn);
+    conn.close(CLOSE_NORMAL);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+/// Writes queued frames, batching whatever is pending into one flush, plus heartbeat
+/// pings; sends the close frame when the connection is asked to close.
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut queue: mpsc::Receiver<Utf8Bytes>,
+    conn: Arc<Connection>,
+    heartbeat: Duration,
+) {
+    let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        tokio::select! {
+            biased;
+            _ = conn.closing() => break,
+            n = queue.recv_many(&mut batch, 64) => {
+                if n == 0 { break; }
+                metrics::counter!(metric::FRAMES_OUT).increment(n as u64);
+                let mut failed = false;
+                for text in batch.drain(..) {
+                    if sink.feed(Message::Text(text)).await.is_err() { failed = true; break; }
+                }
+                if failed || sink.flush().await.is_err() { conn.close(CLOSE_NORMAL); return; }
+            }
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Bytes::new())).await.is_err() { conn.close(CLOSE_NORMAL); return; }
+            }
+        }
+    }
+    // Frames queued before the close still go out, then the close frame.
+    while let Ok(text) = queue.try_recv() {
+        if sink.feed(Message::Text(text)).await.is_err() {
+            return;
+        }
+    }
+    let reason = conn.close_reason().unwrap_or(CLOSE_NORMAL);
+    metrics::counter!(metric::WS_CLOSES, "code" => reason.code.to_string()).increment(1);
+    let frame = CloseFrame { code: reason.code, reason: Utf8Bytes::from_static(reason.reason) };
+    let _ = sink.send(Message::Close(Some(frame))).await;
+}
+
+/// A fixed-window counter of inbound data frames.
+struct RateWindow {
+    limit: u32,
+    window: Duration,
+    started: Instant,
+    count: u32,
+}
+
+impl RateWindow {
+    fn allow(&mut self) -> bool {
+        if self.started.elapsed() >= self.window {
+            self.started = Instant::now();
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count <= self.limit
+    }
+}
+
+async fn read_loop(
+    app: &App,
+    shared: &Shared,
+    conn: &Arc<Connection>,
+    mut stream: futures_util::stream::SplitStream<WebSocket>,
+) {
+    let limits = &shared.config.limits;
+    let mut rate =
+        RateWindow { limit: limits.rate_limit, window: limits.rate_window, started: Instant::now(), count: 0 };
+    let mut deadline = Instant::now() + limits.idle_timeout;
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = conn.closing() => return,
+            _ = tokio::time::sleep_until(deadline) => { conn.close(CLOSE_IDLE); return; }
+            m = stream.next() => m,
+        };
+        deadline = Instant::now() + limits.idle_timeout;
+        let text = match message {
+            None => return,
+            Some(Err(e)) => {
+                if is_capacity_error(e) {
+                    conn.close(CLOSE_TOO_BIG);
+                } else {
+                    conn.close(CLOSE_NORMAL);
+                }
+                return;
+            }
+            Some(Ok(Message::Close(_))) => return,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Binary(_))) => None,
+            Some(Ok(Message::Text(t))) => Some(t),
+        };
+        metrics::counter!(metric::FRAMES_IN).increment(1);
+        if !rate.allow() {
+            reply_error(
+                conn,
+                ProtocolError::new(ErrorCode::RateLimited, "too many frames; this one was not processed"),
+            )
+            .await;
+            continue;
+        }
+        let Some(text) = text else {
+            reply_error(conn, ProtocolError::new(ErrorCode::InvalidJson, "binary frames are not part of the protocol"))
+                .await;
+            continue;
+        };
+        match protocol::parse_client_frame(text.as_str()) {
+            Ok(inbound) => {
+                if let Err(mut e) = handle(app, conn, inbound.message).await {
+                    e.reference = inbound.reference;
+                    reply_error(conn, e).await;
+                }
+            }
+            Err(e) => reply_error(conn, e).await,
+        }
+    }
+}
+
+fn is_capacity_error(e: axum::Error) -> bool {
+    let inner = e.into_inner();
+    matches!(
+        inner.downcast_ref::<tokio_tungstenite::tungstenite::Error>(),
+        Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
+    )
+}
+
+async fn reply_error(conn: &Connection, error: ProtocolError) {
+    metrics::counter!(metric::PROTOCOL_ERRORS, "code" => error.code.as_str()).increment(1);
+    conn.send(protocol::error_frame(&error)).await;
+}
+
+/// Checks that `thread_id` is a live thread of the connection's user.
+async fn owned(app: &App, conn: &Connection, thread_id: &str) -> Result<(), ProtocolError> {
+    match app.store.thread(thread_id).await {
+        Ok(t) if t.owner_id == conn.user_id => Ok(()),
+        Ok(_) | Err(StoreError::NotFound) => Err(ProtocolError::new(ErrorCode::Forbidden, "thread not found")),
+        Err(e) => {
+            tracing::warn!(error = %e, "thread lookup failed");
+            Err(ProtocolError::new(ErrorCode::Internal, "could not read the thread; try again"))
+        }
+    }
+}
+
+async fn handle(app: &App, conn: &Arc<Connection>, message: ClientMessage) -> Result<(), ProtocolError> {
+    match message {
+        ClientMessage::Chat { text, thread_id } => {
+            if let Some(t) = &thread_id {
+                conn.follow_default(t);
+            }
+            match app.supervisor.start(&conn.user_id, thread_id.as_deref(), &text).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(start_error(e)),
+            }
+        }
+        ClientMessage::Stop { run_id, thread_id } => {
+            app.supervisor.stop(&conn.user_id, run_id.as_deref(), thread_id.as_deref());
+            Ok(())
+        }
+        ClientMessage::SwitchThread { thread_id } => owned(app, conn, &thread_id).await,
+        ClientMessage::Ping { timestamp } => {
+            conn.send(protocol::pong(timestamp.as_ref())).await;
+            Ok(())
+        }
+        ClientMessage::Subscribe { thread_id, after_seq } => {
+            owned(app, conn, &thread_id).await?;
+            let delivery = app.delivery.clone();
+            let conn = conn.clone();
+            app.tasks.spawn(async move {
+                if let Err(e) = delivery.replay(&conn, &thread_id, after_seq).await {
+                    tracing::warn!(error = %e, "replay failed");
+                    let error = ProtocolError::new(ErrorCode::Internal, "could not replay the thread; subscribe again");
+                    conn.send(protocol::error_frame(&error)).await;
+                }
+            });
+            Ok(())
+        }
+        ClientMessage::Unsubscribe { thread_id } => {
+            conn.mute(&thread_id);
+            Ok(())
+        }
+        ClientMessage::Ignored => Ok(()),
+    }
+}
+
+/// The one mapping from a refused run to its §6c code.
+pub(crate) fn start_error(e: StartError) -> ProtocolError {
+    match e {
+        StartError::Forbidden => ProtocolError::new(ErrorCode::Forbidden, "thread not found"),
+        StartError::Busy => ProtocolError::new(ErrorCode::Busy, "too many runs in progress; wait for one to finish"),
+        StartError::ShuttingDown => ProtocolError::new(ErrorCode::Internal, "the server is shutting down; reconnect"),
+        StartError::Delivery(e) => {
+            tracing::warn!(error = %e, "could not start a run");
+            ProtocolError::new(ErrorCode::Internal, "could not save your message; try again")
+        }
+        StartError::Store(e) => {
+            tracing::warn!(error = %e, "could not start a run");
+            ProtocolError::new(ErrorCode::Internal, "could not save your message; try again")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_token_source_present_wins() {
+        let mut h = HeaderMap::new();
+        let sub = vec![
+            "jwt-auth".to_string(),
+            format!("jwt.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("from-proto")),
+        ];
+        assert_eq!(extract_token(&h, &sub, Some("token=from-query")), Ok("from-proto".into()));
+        assert_eq!(extract_token(&h, &[], Some("a=1&token=from-query")), Ok("from-query".into()));
+        h.insert("authorization", "Bearer from-header".parse().expect("header"));
+        assert_eq!(extract_token(&h, &sub, Some("token=q")), Ok("from-header".into()));
+        h.insert("authorization", "Basic abc".parse().expect("header"));
+        assert_eq!(extract_token(&h, &sub, None), Err(AuthError::Malformed));
+        assert_eq!(extract_token(&HeaderMap::new(), &[], None), Err(AuthError::Missing));
+    }
+}

@@ -1,0 +1,335 @@
+//! netra: a real-time AI chat backend in one binary.
+//!
+//! [`serve`] is the one entry point, used by the binary and by tests alike: it takes a
+//! bound listener and a shutdown future, answers health probes from the first
+//! millisecond, builds every service through the startup graph, publishes the finished
+//! [`App`] once, and on shutdown drains runs and closes sockets with 1012. Nothing builds
+//! a service after startup: handlers only ever read the immutable `App`.
+
+pub mod agent;
+pub mod auth;
+pub mod config;
+pub mod delivery;
+mod gateway;
+pub mod protocol;
+mod selftest;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+mod web;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agent::{Builtin, Provider, Supervisor};
+use crate::auth::Keys;
+use crate::config::Config;
+use crate::delivery::{CloseReason, Delivery};
+use crate::startup::{Component, Criticality, Report, State};
+use crate::store::Store;
+
+/// Every service, fully built. Immutable once published.
+pub struct App {
+    pub config: Arc<Config>,
+    pub keys: Keys,
+    pub store: Store,
+    pub delivery: Delivery,
+    pub supervisor: Supervisor,
+    /// Short tasks spawned on behalf of connections (replays).
+    pub tasks: TaskTracker,
+}
+
+/// What the HTTP layer holds from the first millisecond, before the `App` exists.
+pub(crate) struct Shared {
+    config: Arc<Config>,
+    report: Report,
+    app: watch::Sender<Option<Arc<App>>>,
+    draining: AtomicBool,
+    /// One token per open WebSocket session, so shutdown can wait for their closes.
+    connections: TaskTracker,
+    metrics: PrometheusHandle,
+}
+
+impl Shared {
+    /// The app, once startup has built it, waiting at most `NETRA_STARTUP_WAIT`.
+    async fn wait_for_app(&self) -> Option<Arc<App>> {
+        let mut rx = self.app.subscribe();
+        let wait = rx.wait_for(Option::is_some);
+        match tokio::time::timeout(self.config.startup_wait, wait).await {
+            Ok(Ok(app)) => app.clone(),
+            _ => None,
+        }
+    }
+
+    fn app_now(&self) -> Option<Arc<App>> {
+        self.app.borrow().clone()
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Why the server is not ready, or nothing when it is.
+    fn unready_reasons(&self) -> Vec<String> {
+        let mut reasons = self.report.not_ready();
+        if !self.report.snapshot().complete && reasons.is_empty() {
+            reasons.push("startup in progress".into());
+        }
+        if self.is_draining() {
+            reasons.push("shutting down".into());
+        }
+        reasons
+    }
+}
+
+/// Why `serve` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("startup failed: {0}")]
+    Startup(#[from] startup::StartupFailure),
+    #[error("http server failed: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+/// Binds `host:port` with a listen backlog that survives a connection storm (the
+/// default of 128 overflows into 1 s SYN retransmits).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Identifies this process's runs in a shared database.
+const NODE_ID: &str = "local";
+
+#[derive(Default)]
+struct Parts {
+    store: OnceLock<Store>,
+    keys: OnceLock<Keys>,
+    provider: OnceLock<Provider>,
+    delivery: OnceLock<Delivery>,
+    supervisor: OnceLock<Supervisor>,
+}
+
+fn part<T: Clone>(slot: &OnceLock<T>, name: &str) -> T {
+    slot.get().unwrap_or_else(|| panic!("{name} is a declared dependency, so it is set before this runs")).clone()
+}
+
+/// Runs netra on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let begun = Instant::now();
+    let config = Arc::new(config);
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    let (app_tx, _) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        report: Report::default(),
+        app: app_tx,
+        draining: AtomicBool::new(false),
+        connections: TaskTracker::new(),
+        metrics: telemetry::init_metrics(),
+    });
+
+    // The listener answers probes before any component exists.
+    let stop_http = CancellationToken::new();
+    let router = web::router(shared.clone());
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let http = tokio::spawn({
+        let stop = stop_http.clone();
+        async move {
+            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        }
+    });
+
+    let background = CancellationToken::new();
+    let writers = TaskTracker::new();
+    let parts = Arc::new(Parts::default());
+    let components = components(&config, &shared, &parts, &writers, addr);
+    let started = startup::run(components, &shared.report, background.clone()).await;
+    if let Err(failure) = started {
+        background.cancel();
+        stop_http.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
+        return Err(failure.into());
+    }
+    tracing::info!(ms = begun.elapsed().as_secs_f64() * 1000.0, "ready");
+    if let Some(app) = shared.app_now() {
+        tokio::spawn(watch_store(app.store.clone(), shared.report.clone(), background.clone()));
+    }
+
+    tokio::pin!(shutdown);
+    let http = tokio::select! {
+        _ = &mut shutdown => None,
+        r = http => Some(r),
+    };
+    if let Some(result) = http {
+        // The HTTP server ended on its own: that is a failure.
+        background.cancel();
+        return match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Http(e)),
+            Err(e) => Err(ServeError::Http(std::io::Error::other(e))),
+        };
+    }
+    tracing::info!("shutting down");
+    shared.draining.store(true, Ordering::Release);
+    if let Some(app) = shared.app_now() {
+        app.supervisor.drain(config.drain_timeout).await;
+        let n = app.delivery.registry.close_all(CloseReason { code: 1012, reason: "service restart" });
+        tracing::info!(connections = n, "closing sockets with 1012");
+    }
+    shared.connections.close();
+    if tokio::time::timeout(Duration::from_secs(5), shared.connections.wait()).await.is_err() {
+        tracing::warn!("some sockets did not close within 5 s");
+    }
+    background.cancel();
+    stop_http.cancel();
+    Ok(())
+}
+
+fn components(
+    config: &Arc<Config>,
+    shared: &Arc<Shared>,
+    parts: &Arc<Parts>,
+    writers: &TaskTracker,
+    addr: SocketAddr,
+) -> Vec<Component> {
+    let required = Criticality::Required;
+    let (c, p) = (config.clone(), parts.clone());
+    let store = Component::new("store", &[], required, config.db_timeout + Duration::from_secs(10), move || {
+        let (c, p) = (c.clone(), p.clone());
+        async move {
+            let store = Store::connect(&c.database, c.db_timeout).await.map_err(|e| e.to_string())?;
+            let _ = p.store.set(store);
+            Ok(())
+        }
+    });
+    let (c, p) = (config.clone(), parts.clone());
+    let auth = Component::new("auth", &[], required, Duration::from_secs(5), move || {
+        let (c, p) = (c.clone(), p.clone());
+        async move {
+            let secret = match &c.jwt_secret {
+                Some(s) => s.clone(),
+                None => auth::dev_secret(&c.data_dir)
+                    .map_err(|e| format!("cannot create the development secret in {}: {e}", c.data_dir.display()))?,
+            };
+            let _ = p.keys.set(Keys::new(&secret));
+            Ok(())
+        }
+    });
+    let (c, p) = (config.clone(), parts.clone());
+    let provider = Component::new("llm_provider", &[], required, Duration::from_secs(5), move || {
+        let (c, p) = (c.clone(), p.clone());
+        async move {
+            let _ = p.provider.set(Provider::Builtin(Builtin { token_delay: c.agent_token_delay }));
+            Ok(())
+        }
+    });
+    let (c, p, w) = (config.clone(), parts.clone(), writers.clone());
+    let delivery = Component::new("delivery", &["store"], required, Duration::from_secs(5), move || {
+        let (c, p, w) = (c.clone(), p.clone(), w.clone());
+        async move {
+            let _ = p.delivery.set(Delivery::start(part(&p.store, "store"), c.limits.replay_batch, &w));
+            Ok(())
+        }
+    });
+    let (c, p) = (config.clone(), parts.clone());
+    let supervisor = Component::new(
+        "agent_supervisor",
+        &["delivery", "llm_provider"],
+        required,
+        Duration::from_secs(30),
+        move || {
+            let (c, p) = (c.clone(), p.clone());
+            async move {
+                let supervisor = Supervisor::new(
+                    part(&p.delivery, "delivery"),
+                    part(&p.store, "store"),
+                    part(&p.provider, "llm_provider"),
+                    NODE_ID.to_string(),
+                    c.limits.runs_per_user,
+                    c.limits.run_deadline,
+                );
+                supervisor.close_interrupted_runs().await.map_err(|e| e.to_string())?;
+                let _ = p.supervisor.set(supervisor);
+                Ok(())
+            }
+        },
+    );
+    let (c, p, s) = (config.clone(), parts.clone(), shared.clone());
+    let gateway =
+        Component::new("gateway", &["agent_supervisor", "auth"], required, Duration::from_secs(5), move || {
+            let (c, p, s) = (c.clone(), p.clone(), s.clone());
+            async move {
+                let app = App {
+                    config: c,
+                    keys: part(&p.keys, "auth"),
+                    store: part(&p.store, "store"),
+                    delivery: part(&p.delivery, "delivery"),
+                    supervisor: part(&p.supervisor, "agent_supervisor"),
+                    tasks: TaskTracker::new(),
+                };
+                s.app.send_replace(Some(Arc::new(app)));
+                Ok(())
+            }
+        });
+    let (p, s) = (parts.clone(), shared.clone());
+    let self_test = Component::new("self_test", &["gateway"], required, Duration::from_secs(10), move || {
+        let (p, s) = (p.clone(), s.clone());
+        async move {
+            let app = s.app_now().ok_or("gateway published no app")?;
+            selftest::run(addr, &part(&p.keys, "auth"), &app.store).await
+        }
+    });
+    vec![store, auth, provider, delivery, supervisor, gateway, self_test]
+}
+
+/// Keeps the store's health current with a real query every 2 s, so `/health/ready`
+/// turns 503 while the database is away and 200 again when it returns.
+async fn watch_store(store: Store, report: Report, stop: CancellationToken) {
+    let mut healthy = true;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        let result = tokio::time::timeout(Duration::from_secs(2), store.ping()).await;
+        match result {
+            Ok(Ok(())) if !healthy => {
+                tracing::info!("database reachable again");
+                report.set("store", State::Ready, None, None);
+                healthy = true;
+            }
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if healthy => {
+                tracing::error!(error = %e, "database unreachable");
+                report.set("store", State::Degraded, None, Some(e.to_string()));
+                healthy = false;
+            }
+            Err(_) if healthy => {
+                tracing::error!("database did not answer within 2 s");
+                report.set("store", State::Degraded, None, Some("no answer within 2 s".into()));
+                healthy = false;
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! Every frame on the wire, in and out (PROTOCOL.md). Inbound text becomes a
+//! [`ClientMessage`] or a [`ProtocolError`] carrying the exact §6c code; outbound frames
+//! are built here and nowhere else, so the envelope the web client depends on
+//! (`payload`, top-level `agent_name`/`run_id`/`timestamp`, RFC 3339 milliseconds) has
+//! one definition.
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+
+/// An error code of PROTOCOL.md §6c.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidMessage,
+    UnknownType,
+    MissingField,
+    InvalidField,
+    Forbidden,
+    RateLimited,
+    Busy,
+    AgentFailed,
+    Internal,
+    Unauthorized,
+    TokenExpired,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidMessage => "invalid_message",
+            Self::UnknownType => "unknown_type",
+            Self::MissingField => "missing_field",
+            Self::InvalidField => "invalid_field",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited => "rate_limited",
+            Self::Busy => "busy",
+            Self::AgentFailed => "agent_failed",
+            Self::Internal => "internal",
+            Self::Unauthorized => "unauthorized",
+            Self::TokenExpired => "token_expired",
+        }
+    }
+}
+
+/// A client frame that could not be acted on; the connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The offending frame's `message_id` (or payload `message_id`/`correlation_id`).
+    pub reference: Option<String>,
+}
+
+impl ProtocolError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), reference: None }
+    }
+}
+
+/// What a client asked for, already validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    /// `start_agent`, `user_message` and its aliases: run the agent on `text`.
+    Chat {
+        text: String,
+        thread_id: Option<String>,
+    },
+    Stop {
+        run_id: Option<String>,
+        thread_id: Option<String>,
+    },
+    SwitchThread {
+        thread_id: String,
+    },
+    Ping {
+        timestamp: Option<Value>,
+    },
+    Subscribe {
+        thread_id: String,
+        after_seq: u64,
+    },
+    Unsubscribe {
+        thread_id: String,
+    },
+    /// Sent by the web client and deliberately ignored (`session_restore`, `disconnect`…).
+    Ignored,
+}
+
+/// A parsed frame and the reference its errors echo.
+#[derive(Debug)]
+pub struct Inbound {
+    pub message: ClientMessage,
+    pub reference: Option<String>,
+}
+
+/// Parses one text frame. Never panics, whatever the input.
+pub fn parse_client_frame(text: &str) -> Result<Inbound, ProtocolError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, format!("frame is not JSON: {e}")))?;
+    let Value::Object(frame) = value else {
+        return Err(ProtocolError::new(ErrorCode::InvalidMessage, "frame must be a JSON object"));
+    };
+    let empty = Map::new();
+    let payload = match frame.get("payload") {
+        None | Some(Value::Null) => &empty,
+        Some(Value::Object(p)) => p,
+        Some(_) => {
+            let mut e = ProtocolError::new(ErrorCode::InvalidField, "payload must be an object");
+            e.reference = reference(&frame, &empty);
+            return Err(e);
+        }
+    };
+    let reference = reference(&frame, payload);
+    let with_ref = |mut e: ProtocolError| {
+        e.reference = reference.clone();
+        e
+    };
+    let Some(kind) = frame.get("type").and_then(Value::as_str) else {
+        return Err(with_ref(ProtocolError::new(ErrorCode::InvalidMessage, "frame needs a string field 'type'")));
+    };
+    let message = classify(kind, &frame, payload).map_err(with_ref)?;
+    Ok(Inbound { message, reference })
+}
+
+fn reference(frame: &Map<String, Value>, payload: &Map<String, Value>) -> Option<String> {
+    [frame.get("message_id"), payload.get("message_id"), payload.get("correlation_id")].into_iter().flatten().find_map(
+        |v| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        },
+    )
+}
+
+fn classify(
+    kind: &str,
+    frame: &Map<String, Value>,
+    payload: &Map<String, Value>,
+) -> Result<ClientMessage, ProtocolError> {
+    Ok(match kind {
+        "start_agent" => ClientMessage::Chat {
+            text: chat_text(payload, &["user_request", "content", "text"], true)?,
+            thread_id: optional_id(payload, "thread_id")?,
+        },
+        "user_message" | "user_input" | "message" | "chat" => ClientMessage::Chat {
+            text: chat_text(payload, &["content", "text", "user_request"], false)?,
+            thread_id: optional_id(payload, "thread_id")?,
+        },
+        "stop_agent" => ClientMessage::Stop {
+            run_id: optional_id(payload, "run_id")?,
+            thread_id: optional_id(payload, "thread_id")?,
+        },
+        "switch_thread" => ClientMessage::SwitchThread { thread_id: required_id(payload, "thread_id")? },
+        "ping" => {
+            ClientMessage::Ping { timestamp: frame.get("timestamp").or_else(|| payload.get("timestamp")).cloned() }
+        }
+        "subscribe" => {
+            let after_seq = match payload.get("after_seq") {
+                None | Some(Value::Null) => 0,
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    ProtocolError::new(ErrorCode::InvalidField, "after_seq must be a non-negative integer")
+                })?,
+            };
+            ClientMessage::Subscribe { thread_id: required_id(payload, "thread_id")?, after_seq }
+        }
+        "unsubscribe" => ClientMessage::Unsubscribe { thread_id: required_id(payload, "thread_id")? },
+        "session_restore" | "disconnect" | "heartbeat_ack" | "pong" => ClientMessage::Ignored,
+        other => {
+            let shown: String = other.chars().take(64).collect();
+            return Err(ProtocolError::new(ErrorCode::UnknownType, format!("unknown message type '{shown}'")));
+        }
+    })
+}
+
+/// The message text: the first non-empty alias. `start_agent` also accepts
+/// `request.query`, as the original did.
+fn chat_text(payload: &Map<String, Value>, aliases: &[&str], request_query: bool) -> Result<String, ProtocolError> {
+    let nested = request_query.then(|| payload.get("request").and_then(|r| r.get("query"))).flatten();
+    aliases
+        .iter()
+        .filter_map(|a| payload.get(*a))
+        .chain(nested)
+        .filter_map(Value::as_str)
+        .map(str::trim)
+        .find(|t| !t.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ProtocolError::new(ErrorCode::MissingField, format!("field '{}' must be non-empty text", aliases[0]))
+        })
+}
+
+fn optional_id(payload: &Map<String, Value>, field: &str) -> Result<Option<String>, ProtocolError> {
+    match payload.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) if s.len() <= 128 => Ok(Some(s.clone())),
+        Some(_) => Err(ProtocolError::new(ErrorCode::InvalidField, format!("field '{field}' must be a string id"))),
+    }
+}
+
+fn required_id(payload: &Map<String, Value>, field: &str) -> Result<String, ProtocolError> {
+    optional_id(payload, field)?
+        .ok_or_else(|| ProtocolError::new(ErrorCode::MissingField, format!("field '{field}' is required")))
+}
+
+/// Now as RFC 3339 UTC with milliseconds, the one timestamp format on the wire.
+pub fn now_rfc3339() -> String {
+    format_rfc3339(time::OffsetDateTime::now_utc())
+}
+
+pub fn format_rfc3339(t: time::OffsetDateTime) -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    t.to_offset(time::UtcOffset::UTC)
+        .format(FORMAT)
+        .expect("the format has only numeric components, which always format")
+}
+
+/// The kinds of thread event (§3.2, §3.4). Persisted by their wire name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    ThreadCreated,
+    UserMessage,
+    AgentStarted,
+    AgentThinking,
+    ToolExecuting,
+    ToolCompleted,
+    PartialResult,
+    AgentCompleted,
+    FinalReport,
+    AgentError,
+    Error,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ThreadCreated => "thread_created",
+            Self::UserMessage => "user_message",
+            Self::AgentStarted => "agent_started",
+            Self::AgentThinking => "agent_thinking",
+            Self::ToolExecuting => "tool_executing",
+            Self::ToolCompleted => "tool_completed",
+            Self::PartialResult => "partial_result",
+            Self::AgentCompleted => "agent_completed",
+            Self::FinalReport => "final_report",
+            Self::AgentError => "agent_error",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// A persisted thread event, exactly as it goes on the wire (§3.1, §6a).
+#[derive(Debug, Clone, Serialize)]
+pub struct EventFrame {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub thread_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    pub seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_name: Option<String>,
+    pub timestamp: String,
+    pub payload: Box<RawValue>,
+}
+
+impl EventFrame {
+    /// The frame's JSON text; serialized once and shared by every receiver.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).expect("an event frame has string keys and valid raw JSON")
+    }
+}
+
+/// The first frame of every accepted connection (§1.4).
+pub fn connection_established(connection_id: &str, user_id: &str, heartbeat_secs: u64, max_frame: usize) -> String {
+    let now = now_rfc3339();
+    json!({"type": "system_message", "timestamp": now, "payload": {
+        "event": "connection_established", "connection_id": connection_id, "user_id": user_id,
+        "server_time": now, "connection_ready": true,
+        "config": {"heartbeat_interval": heartbeat_secs, "max_message_size": max_frame}}})
+    .to_string()
+}
+
+pub fn pong(client_timestamp: Option<&Value>) -> String {
+    let payload = match client_timestamp {
+        Some(t) => json!({"client_timestamp": t}),
+        None => json!({}),
+    };
+    json!({"type": "pong", "timestamp": now_rfc3339(), "payload": payload}).to_string()
+}
+
+/// A protocol error frame: no `seq`, not part of any thread's history.
+pub fn error_frame(error: &ProtocolError) -> String {
+    let mut payload = json!({"code": error.code.as_str(), "message": error.message, "error_message": error.message});
+    if let Some(r) = &error.reference {
+        payload["ref"] = Value::String(r.clone());
+    }
+    json!({"type": "error", "timestamp": now_rfc3339(), "payload": payload}).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> ErrorCode {
+        parse_client_frame(text).expect_err("should be rejected").code
+    }
+
+    #[test]
+    fn bad_frames_get_their_exact_codes() {
+        assert_eq!(code("{nope"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::InvalidMessage);
+        assert_eq!(code(r#"{"type":5}"#), ErrorCode::InvalidMessage);
+        assert_eq!(code(r#"{"type":"strat_agent"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"user_message","payload":{"content":"   "}}"#), ErrorCode::MissingField);
+        assert_eq!(
+            code(r#"{"type":"user_message","payload":{"content":"hi","thread_id":7}}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(code(r#"{"type":"subscribe","payload":{"thread_id":"t","after_seq":-1}}"#), ErrorCode::InvalidField);
+        assert_eq!(code(r#"{"type":"switch_thread","payload":{}}"#), ErrorCode::MissingField);
+    }
+
+    #[test]
+    fn errors_echo_the_first_reference_present() {
+        let e = parse_client_frame(r#"{"type":"nope","message_id":"m-17","payload":{"message_id":"x"}}"#)
+            .expect_err("unknown");
+        assert_eq!(e.reference.as_deref(), Some("m-17"));
+        let e = parse_client_frame(r#"{"type":"nope","payload":{"correlation_id":"c-1"}}"#).expect_err("unknown");
+        assert_eq!(e.reference.as_deref(), Some("c-1"));
+        let frame: Value = serde_json::from_str(&error_frame(&e)).expect("json");
+        assert_eq!(frame["payload"]["ref"], "c-1");
+        assert_eq!(frame["payload"]["error_message"], frame["payload"]["message"]);
+    }
+
+    #[test]
+    fn chat_text_takes_the_first_non_empty_alias() {
+        let m = parse_client_frame(
+            r#"{"type":"start_agent","payload":{"user_request":"","request":{"query":"q"},"thread_id":null}}"#,
+        )
+        .expect("valid");
+        assert_eq!(m.message, ClientMessage::Chat { text: "q".into(), thread_id: None });
+        let m = parse_client_frame(r#"{"type":"chat","payload":{"text":" hi ","thread_id":"th_1"}}"#).expect("valid");
+        assert_eq!(m.message, ClientMessage::Chat { text: "hi".into(), thread_id: Some("th_1".into()) });
+    }
+
+    #[test]
+    fn every_client_type_the_frontend_sends_is_accepted() {
+        for t in ["session_restore", "disconnect", "heartbeat_ack", "pong"] {
+            let m = parse_client_frame(&format!(r#"{{"type":"{t}","payload":{{"threadId":"x"}}}}"#)).expect("accepted");
+            assert_eq!(m.message, ClientMessage::Ignored);
+        }
+        let m = parse_client_frame(r#"{"type":"stop_agent","payload":{}}"#).expect("valid");
+        assert_eq!(m.message, ClientMessage::Stop { run_id: None, thread_id: None });
+        let m = parse_client_frame(r#"{"type":"ping","timestamp":17}"#).expect("valid");
+        assert_eq!(m.message, ClientMessage::Ping { timestamp: Some(json!(17)) });
+    }
+
+    #[test]
+    fn timestamps_have_milliseconds_and_z() {
+        let t = time::macros::datetime!(2025-09-08 10:15:02.317891 UTC);
+        assert_eq!(format_rfc3339(t), "2025-09-08T10:15:02.317Z");
+    }
+}

@@ -1,0 +1,104 @@
+//! The last startup step: a real client. It opens a loopback WebSocket with a short-lived
+//! internal token, sends one message through the whole pipeline (gateway, supervisor,
+//! agent, store, delivery), checks the run it gets back, then removes its thread. The
+//! server is ready only after this passes, so readiness means a message can get through.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::auth::{Keys, TokenKind, User};
+use crate::store::Store;
+
+const USER: &str = "netra-self-test";
+
+pub(crate) async fn run(addr: SocketAddr, keys: &Keys, store: &Store) -> Result<(), String> {
+    let host = if addr.ip().is_unspecified() {
+        if addr.is_ipv4() { "127.0.0.1".to_string() } else { "[::1]".to_string() }
+    } else if addr.is_ipv6() {
+        format!("[{}]", addr.ip())
+    } else {
+        addr.ip().to_string()
+    };
+    let url = format!("ws://{host}:{}/ws", addr.port());
+    let token = keys.mint(&User::new(USER), TokenKind::Access, Duration::from_secs(60));
+    let mut request = url.as_str().into_client_request().map_err(|e| format!("bad self-test url: {e}"))?;
+    let bearer = format!("Bearer {token}").parse().map_err(|_| "token is not a header value".to_string())?;
+    request.headers_mut().insert("authorization", bearer);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(request).await.map_err(|e| format!("cannot connect to {url}: {e}"))?;
+
+    let first = next_json(&mut ws).await?;
+    if first["payload"]["event"] != "connection_established" {
+        return Err(format!("first frame was not connection_established: {first}"));
+    }
+    let send = json!({"type": "user_message", "payload": {"content": "self-test: what is 6*7?"}});
+    ws.send(Message::text(send.to_string())).await.map_err(|e| format!("cannot send: {e}"))?;
+
+    let mut seen = Vec::new();
+    let mut thread_id = None;
+    let mut last_seq = 0;
+    let outcome = loop {
+        let frame = next_json(&mut ws).await?;
+        let kind = frame["type"].as_str().unwrap_or_default().to_string();
+        if thread_id.is_none() {
+            thread_id = frame["thread_id"].as_str().map(str::to_string);
+        }
+        if let Some(seq) = frame["seq"].as_u64() {
+            if seq != last_seq + 1 {
+                break Err(format!("seq went from {last_seq} to {seq}"));
+            }
+            last_seq = seq;
+        }
+        match kind.as_str() {
+            "final_report" => {
+                let summary = frame["payload"]["executive_summary"].as_str().unwrap_or_default();
+                break if summary.contains("42") { Ok(()) } else { Err(format!("unexpected answer {summary:?}")) };
+            }
+            "error" => break Err(format!("the run failed: {}", frame["payload"])),
+            _ => seen.push(kind),
+        }
+    };
+    let _ = ws.close(None).await;
+    let expected = [
+        "thread_created",
+        "user_message",
+        "agent_started",
+        "agent_thinking",
+        "tool_executing",
+        "tool_completed",
+        "agent_completed",
+    ];
+    let outcome = outcome.and_then(|()| match expected.iter().find(|e| !seen.iter().any(|s| s == *e)) {
+        Some(missing) => Err(format!("the run had no {missing} event")),
+        None => Ok(()),
+    });
+    if let Some(thread_id) = thread_id {
+        store.purge_thread(&thread_id).await.map_err(|e| format!("cannot remove the self-test thread: {e}"))?;
+    }
+    outcome
+}
+
+async fn next_json<S>(ws: &mut S) -> Result<Value, String>
+where
+    S: StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .map_err(|_| "no frame within 5 s".to_string())?;
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                return serde_json::from_str(text.as_str()).map_err(|e| format!("frame is not JSON: {e}"));
+            }
+            Some(Ok(Message::Close(frame))) => return Err(format!("server closed the socket: {frame:?}")),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(format!("socket error: {e}")),
+            None => return Err("socket ended".into()),
+        }
+    }
+}

@@ -1,0 +1,609 @@
+//! The source of truth: users, threads, messages, runs and every thread event, in SQLite
+//! (the embedded default, WAL) or PostgreSQL, through one [`Store`] API. SQL lives in
+//! this module only. Multi-row writes are single transactions: a failed one leaves
+//! nothing behind. Sequence numbers are handed out inside the writing transaction from
+//! the thread row, so they stay dense and unique under concurrent writers on any node.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use serde_json::value::RawValue;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Row as _, Transaction};
+use tracing::instrument;
+
+use crate::config::DatabaseUrl;
+use crate::protocol::{EventFrame, EventType};
+
+/// What can go wrong in the store, by meaning.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database rejected the operation: {0}")]
+    Rejected(#[source] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("migration {version} failed: {source}")]
+    Migration { version: i64, source: sqlx::Error },
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::RowNotFound => Self::NotFound,
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_) => Self::Unavailable(e),
+            other => Self::Rejected(other),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// A thread as the REST API shows it.
+#[derive(Debug, Clone)]
+pub struct Thread {
+    pub id: String,
+    pub owner_id: String,
+    pub title: String,
+    pub metadata: Value,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub message_count: i64,
+    pub last_seq: i64,
+}
+
+/// A chat message: the user's input or the agent's final answer.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub id: String,
+    pub role: String,
+    pub content: String,
+    pub created_at: i64,
+    pub metadata: Value,
+}
+
+/// A run that was still marked running when its node stopped.
+#[derive(Debug, Clone)]
+pub struct InterruptedRun {
+    pub run_id: String,
+    pub thread_id: String,
+}
+
+/// An event to persist; it gets its `seq` in the writing transaction.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: EventType,
+    pub run_id: Option<String>,
+    pub agent_name: Option<String>,
+    pub timestamp: String,
+    pub payload: Box<RawValue>,
+}
+
+/// Rows written in the same transaction as a job's events.
+#[derive(Debug, Clone)]
+pub enum Row {
+    CreateThread {
+        owner_id: String,
+        title: String,
+    },
+    /// A message whose position is the `seq` of the job's event at `event_index`.
+    Message {
+        id: String,
+        role: &'static str,
+        content: String,
+        run_id: Option<String>,
+        event_index: usize,
+    },
+    StartRun {
+        run_id: String,
+        user_id: String,
+        node_id: String,
+    },
+    EndRun {
+        run_id: String,
+        status: &'static str,
+        error: Option<String>,
+    },
+}
+
+/// One atomic unit of writing: rows and events of a single thread.
+#[derive(Debug, Clone)]
+pub struct WriteJob {
+    pub thread_id: String,
+    pub rows: Vec<Row>,
+    pub events: Vec<NewEvent>,
+}
+
+pub fn now_ms() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
+}
+
+impl Store {
+    /// Connects (retrying until `timeout`, so a database that is still starting is waited
+    /// for) and brings the schema up to date.
+    #[instrument(skip_all, fields(db = %url.masked()))]
+    pub async fn connect(url: &DatabaseUrl, timeout: Duration) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let (conn_str, backend, max) = match url {
+            DatabaseUrl::Sqlite(path) => {
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+                }
+                (format!("sqlite://{}?mode=rwc", path.display()), Backend::Sqlite, 8)
+            }
+            DatabaseUrl::Postgres(url) => (url.expose().to_string(), Backend::Postgres, 16),
+        };
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Duration::from_millis(50);
+        let pool = loop {
+            let attempt = AnyPoolOptions::new()
+                .max_connections(max)
+                .min_connections(1)
+                .acquire_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100)))
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        if backend == Backend::Sqlite {
+                            // WAL lets readers run beside the one writer; NORMAL syncs at
+                            // checkpoints, so a power cut may lose the last commits but never
+                            // corrupts, and a process kill loses nothing committed.
+                            for pragma in [
+                                "PRAGMA journal_mode = WAL",
+                                "PRAGMA synchronous = NORMAL",
+                                "PRAGMA busy_timeout = 5000",
+                                "PRAGMA foreign_keys = ON",
+                            ] {
+                                sqlx::query(pragma).execute(&mut *conn).await?;
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .connect(&conn_str)
+                .await;
+            match attempt {
+                Ok(pool) => break pool,
+                Err(e) if Instant::now() + backoff < deadline => {
+                    tracing::debug!(error = %e, "database not reachable yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(StoreError::Unavailable(e)),
+            }
+        };
+        let store = Self { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies missing migrations, each in its own transaction. On PostgreSQL an advisory
+    /// lock keeps two nodes starting together from applying the same one twice.
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS netra_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await?;
+        for (version, sql) in MIGRATIONS {
+            let mut tx = self.pool.begin().await?;
+            if self.backend == Backend::Postgres {
+                sqlx::query("SELECT pg_advisory_xact_lock(7261)").execute(&mut *tx).await?;
+            }
+            let applied: Option<i64> = sqlx::query_scalar("SELECT version FROM netra_migrations WHERE version = $1")
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if applied.is_some() {
+                continue;
+            }
+            for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty() && !is_comment_only(s)) {
+                sqlx::query(statement)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|source| StoreError::Migration { version: *version, source })?;
+            }
+            sqlx::query("INSERT INTO netra_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(version)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(version, "applied migration");
+        }
+        Ok(())
+    }
+
+    /// A real round trip, for health checks.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+
+    #[instrument(skip_all, fields(user_id))]
+    pub async fn upsert_user(&self, user_id: &str, email: Option<&str>, name: Option<&str>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO users (id, email, name, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET email = COALESCE(excluded.email, users.email), \
+             name = COALESCE(excluded.name, users.name)",
+        )
+        .bind(user_id)
+        .bind(email)
+        .bind(name)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A live (not deleted) thread.
+    #[instrument(skip_all, fields(thread_id))]
+    pub async fn thread(&self, thread_id: &str) -> Result<Thread> {
+        let row = sqlx::query(&format!("{THREAD_SELECT} WHERE t.id = $1 AND t.deleted_at IS NULL"))
+            .bind(thread_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        thread_from_row(&row)
+    }
+
+    /// The owner's live threads, most recently updated first.
+    #[instrument(skip_all, fields(owner_id))]
+    pub async fn threads_of(&self, owner_id: &str, limit: i64, offset: i64) -> Result<Vec<Thread>> {
+        let rows = sqlx::query(&format!(
+            "{THREAD_SELECT} WHERE t.owner_id = $1 AND t.deleted_at IS NULL \
+             ORDER BY t.updated_at DESC, t.created_at DESC, t.id LIMIT $2 OFFSET $3"
+        ))
+        .bind(owner_id)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(thread_from_row).collect()
+    }
+
+    /// Creates an empty thread (REST). Threads created by a chat message go through
+    /// [`Store::write_batch`] with their first events instead.
+    #[instrument(skip_all, fields(thread_id))]
+    pub async fn create_thread(
+        &self,
+        thread_id: &str,
+        owner_id: &str,
+        title: &str,
+        metadata: &Value,
+    ) -> Result<Thread> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
+             VALUES ($1, $2, $3, $4, $5, $5, 0)",
+        )
+        .bind(thread_id)
+        .bind(owner_id)
+        .bind(title)
+        .bind(metadata.to_string())
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        self.thread(thread_id).await
+    }
+
+    /// Renames and/or merges metadata keys into the thread's metadata.
+    #[instrument(skip_all, fields(thread_id))]
+    pub async fn update_thread(
+        &self,
+        thread_id: &str,
+        title: Option<&str>,
+        metadata: Option<&Value>,
+    ) -> Result<Thread> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT metadata FROM threads WHERE id = $1 AND deleted_at IS NULL")
+                .bind(thread_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let current = current.ok_or(StoreError::NotFound)?;
+        let mut merged: Value = serde_json::from_str(&current).unwrap_or_else(|_| Value::Object(Default::default()));
+        if let (Some(Value::Object(patch)), Value::Object(target)) = (metadata, &mut merged) {
+            for (k, v) in patch {
+                target.insert(k.clone(), v.clone());
+            }
+        }
+        sqlx::query("UPDATE threads SET title = COALESCE($2, title), metadata = $3, updated_at = $4 WHERE id = $1")
+            .bind(thread_id)
+            .bind(title)
+            .bind(merged.to_string())
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.thread(thread_id).await
+    }
+
+    /// Soft delete: the thread and its events are no longer served.
+    #[instrument(skip_all, fields(thread_id))]
+    pub async fn delete_thread(&self, thread_id: &str) -> Result<()> {
+        let done = sqlx::query("UPDATE threads SET deleted_at = $2 WHERE id = $1 AND deleted_at IS NULL")
+            .bind(thread_id)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Removes a thread and everything in it for good (the startup self-test's cleanup).
+    #[instrument(skip_all, fields(thread_id))]
+    pub async fn purge_thread(&self, thread_id: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for table in ["events", "messages", "runs"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE thread_id = $1")).bind(thread_id).execute(&mut *tx).await?;
+        }
+        sqlx::query("DELETE FROM threads WHERE id = $1").bind(thread_id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A page of a thread's messages in conversation order, and the total count.
+    #[instrument(skip_all, fields(thread_id))]
+    pub async fn messages(&self, thread_id: &str, limit: i64, offset: i64) -> Result<(Vec<Message>, i64)> {
+        let rows = sqlx::query(
+            "SELECT id, role, content, created_at, metadata FROM messages WHERE thread_id = $1 \
+             ORDER BY seq LIMIT $2 OFFSET $3",
+        )
+        .bind(thread_id)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE thread_id = $1")
+            .bind(thread_id)
+            .fetch_one(&self.pool)
+            .await?;
+        let messages = rows.iter().map(message_from_row).collect::<Result<_>>()?;
+        Ok((messages, total))
+    }
+
+    /// The last `limit` messages of a thread, oldest first: the agent's context.
+    #[instrument(skip_all, fields(thread_id))]
+    pub async fn recent_messages(&self, thread_id: &str, limit: i64) -> Result<Vec<Message>> {
+        let rows = sqlx::query(
+            "SELECT id, role, content, created_at, metadata FROM messages WHERE thread_id = $1 \
+             ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(thread_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut messages: Vec<Message> = rows.iter().map(message_from_row).collect::<Result<_>>()?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    /// Up to `limit` events with `seq > after_seq`, in order.
+    #[instrument(skip_all, fields(thread_id, after_seq))]
+    pub async fn events_after(&self, thread_id: &str, after_seq: u64, limit: u32) -> Result<Vec<EventFrame>> {
+        let rows = sqlx::query(
+            "SELECT seq, run_id, type, agent_name, payload, created_at FROM events \
+             WHERE thread_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(thread_id)
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("seq")?;
+                let payload: String = row.try_get("payload")?;
+                Ok(EventFrame {
+                    kind: row.try_get("type")?,
+                    thread_id: thread_id.to_string(),
+                    run_id: row.try_get("run_id")?,
+                    seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("negative seq {seq}")))?,
+                    agent_name: row.try_get("agent_name")?,
+                    timestamp: row.try_get("created_at")?,
+                    payload: RawValue::from_string(payload).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes every job in one transaction and returns each job's events with their
+    /// `seq`. All or nothing: on error no job's rows exist.
+    #[instrument(skip_all, fields(jobs = jobs.len()))]
+    pub async fn write_batch(&self, jobs: &[WriteJob]) -> Result<Vec<Vec<EventFrame>>> {
+        let mut tx = self.pool.begin().await?;
+        let mut written = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            written.push(write_job(&mut tx, job).await?);
+        }
+        tx.commit().await?;
+        Ok(written)
+    }
+
+    /// Marks this node's runs that were still running as `interrupted` and returns them,
+    /// so their threads can be told. Called at startup, before any new run exists.
+    #[instrument(skip_all, fields(node_id))]
+    pub async fn interrupted_runs(&self, node_id: &str) -> Result<Vec<InterruptedRun>> {
+        let rows = sqlx::query("SELECT id, thread_id FROM runs WHERE status = 'running' AND node_id = $1")
+            .bind(node_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(InterruptedRun { run_id: r.try_get("id")?, thread_id: r.try_get("thread_id")? }))
+            .collect()
+    }
+
+    /// The status a run ended with, if any.
+    pub async fn run_status(&self, run_id: &str) -> Result<String> {
+        sqlx::query_scalar("SELECT status FROM runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+}
+
+async fn write_job(tx: &mut Transaction<'static, Any>, job: &WriteJob) -> Result<Vec<EventFrame>> {
+    let now = now_ms();
+    for row in &job.rows {
+        if let Row::CreateThread { owner_id, title } = row {
+            sqlx::query(
+                "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
+                 VALUES ($1, $2, $3, '{}', $4, $4, 0)",
+            )
+            .bind(&job.thread_id)
+            .bind(owner_id)
+            .bind(title)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    let count = i64::try_from(job.events.len()).map_err(|_| StoreError::Corrupt("too many events".into()))?;
+    // The row lock taken here serializes every writer of this thread, on every node,
+    // until commit: that is what makes seq gapless and unique.
+    let last: i64 = sqlx::query_scalar(
+        "UPDATE threads SET last_seq = last_seq + $2, updated_at = $3 WHERE id = $1 AND deleted_at IS NULL RETURNING last_seq",
+    )
+    .bind(&job.thread_id)
+    .bind(count)
+    .bind(now)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or(StoreError::NotFound)?;
+    let first = last - count + 1;
+    let mut frames = Vec::with_capacity(job.events.len());
+    for (i, event) in job.events.iter().enumerate() {
+        let seq = first + i as i64;
+        sqlx::query(
+            "INSERT INTO events (thread_id, seq, run_id, type, agent_name, payload, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&job.thread_id)
+        .bind(seq)
+        .bind(event.run_id.as_deref())
+        .bind(event.kind.as_str())
+        .bind(event.agent_name.as_deref())
+        .bind(event.payload.get())
+        .bind(&event.timestamp)
+        .execute(&mut **tx)
+        .await?;
+        frames.push(EventFrame {
+            kind: event.kind.as_str().to_string(),
+            thread_id: job.thread_id.clone(),
+            run_id: event.run_id.clone(),
+            seq: seq as u64,
+            agent_name: event.agent_name.clone(),
+            timestamp: event.timestamp.clone(),
+            payload: event.payload.clone(),
+        });
+    }
+    for row in &job.rows {
+        match row {
+            Row::CreateThread { .. } => {}
+            Row::Message { id, role, content, run_id, event_index } => {
+                let seq = first + *event_index as i64;
+                sqlx::query(
+                    "INSERT INTO messages (id, thread_id, seq, role, content, run_id, metadata, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, '{}', $7)",
+                )
+                .bind(id)
+                .bind(&job.thread_id)
+                .bind(seq)
+                .bind(*role)
+                .bind(content)
+                .bind(run_id.as_deref())
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+            }
+            Row::StartRun { run_id, user_id, node_id } => {
+                sqlx::query(
+                    "INSERT INTO runs (id, thread_id, user_id, node_id, status, started_at) \
+                     VALUES ($1, $2, $3, $4, 'running', $5)",
+                )
+                .bind(run_id)
+                .bind(&job.thread_id)
+                .bind(user_id)
+                .bind(node_id)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+            }
+            Row::EndRun { run_id, status, error } => {
+                sqlx::query("UPDATE runs SET status = $2, ended_at = $3, error = $4 WHERE id = $1")
+                    .bind(run_id)
+                    .bind(*status)
+                    .bind(now)
+                    .bind(error.as_deref())
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+    }
+    Ok(frames)
+}
+
+const THREAD_SELECT: &str = "SELECT t.id, t.owner_id, t.title, t.metadata, t.created_at, t.updated_at, t.last_seq, \
+     (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id) AS message_count FROM threads t";
+
+fn thread_from_row(row: &AnyRow) -> Result<Thread> {
+    let metadata: String = row.try_get("metadata")?;
+    Ok(Thread {
+        id: row.try_get("id")?,
+        owner_id: row.try_get("owner_id")?,
+        title: row.try_get("title")?,
+        metadata: serde_json::from_str(&metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        message_count: row.try_get("message_count")?,
+        last_seq: row.try_get("last_seq")?,
+    })
+}
+
+fn message_from_row(row: &AnyRow) -> Result<Message> {
+    let metadata: String = row.try_get("metadata")?;
+    Ok(Message {
+        id: row.try_get("id")?,
+        role: row.try_get("role")?,
+        content: row.try_get("content")?,
+        created_at: row.try_get("created_at")?,
+        metadata: serde_json::from_str(&metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+    })
+}
+
+fn is_comment_only(statement: &str) -> bool {
+    statement.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with("--"))
+}
