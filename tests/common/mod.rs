@@ -404,3 +404,39 @@ pub fn assert_dense(frames: &[Value]) {
         assert_eq!(pair[1], pair[0] + 1, "seq not dense: {seqs:?}");
     }
 }
+
+/// The PostgreSQL the suite runs against (`NETRA_TEST_DATABASE_URL`, set by scripts/test).
+#[allow(clippy::disallowed_methods)]
+pub fn pg_base_url() -> String {
+    std::env::var("NETRA_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A URL for a fresh, empty schema in the test database, so each test starts clean.
+pub async fn fresh_pg_url() -> String {
+    use sqlx::Connection;
+    let base = pg_base_url();
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&base).await.expect("PostgreSQL reachable (scripts/test starts it)");
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.expect("create schema");
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}options=-c%20search_path%3D{schema}")
+}
+
+/// The two store backends every store test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
+
+impl Spawn {
+    /// Points the server at `backend`: the default SQLite file, or a fresh PG schema.
+    pub async fn backend(self, backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => self,
+            Backend::Postgres => self.env("DATABASE_URL", fresh_pg_url().await),
+        }
+    }
+}
