@@ -128,8 +128,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/agents/{kind}", post(execute_v1))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(count_requests))
-        .layer(axum::middleware::map_response(preflight_no_content))
         .layer(cors)
+        // Outside the CORS layer: it answers preflights itself, without calling inward.
+        .layer(axum::middleware::map_response(preflight_no_content))
         .with_state(shared)
 }
 

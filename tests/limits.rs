@@ -361,7 +361,7 @@ async fn silent_client_gets_pings_then_closes_1001_idle_timeout() {
 #[tokio::test]
 async fn consumer_that_cannot_keep_up_is_closed_and_counted_without_blocking_the_producer() {
     let server = Spawn::new()
-        .env("NETRA_SEND_QUEUE", "2")
+        .env("NETRA_SEND_QUEUE", "16")
         .env("NETRA_MAX_FRAME_BYTES", "131072")
         .env("NETRA_AGENT_TOKEN_DELAY", "0")
         .ready()
@@ -386,6 +386,7 @@ async fn consumer_that_cannot_keep_up_is_closed_and_counted_without_blocking_the
             .or_else(|| series(&text, "netra_events_dropped_total{reason=\"queue_full\"}"))
             .unwrap_or(0.0);
         if dropped > 0.0 {
+            eprintln!("DEBUG overflow after run {i} in {:?}", started.elapsed());
             break;
         }
     }
@@ -399,7 +400,8 @@ async fn consumer_that_cannot_keep_up_is_closed_and_counted_without_blocking_the
         if series(&metrics(&server).await, "netra_ws_closes_total{code=\"1013\"}").is_some_and(|n| n >= 1.0) {
             break;
         }
-        assert!(Instant::now() < deadline, "the overflowing connection was never closed 1013");
+        let m = metrics(&server).await;
+        assert!(Instant::now() < deadline, "the overflowing connection was never closed 1013 DEBUG {:?}", m.lines().filter(|l| l.contains("ws_c") || l.contains("events")).collect::<Vec<_>>());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());

@@ -90,7 +90,8 @@ async fn threads_are_created_listed_renamed_and_archived() {
     for t in list.as_array().expect("array") {
         assert_thread_object(t);
     }
-    let updated: Vec<i64> = list.as_array().expect("array").iter().map(|t| t["updated_at"].as_i64().expect("int")).collect();
+    let updated: Vec<i64> =
+        list.as_array().expect("array").iter().map(|t| t["updated_at"].as_i64().expect("int")).collect();
     assert!(updated.windows(2).all(|w| w[0] >= w[1]), "newest first: {list}");
 
     // A chat into the older thread makes it the most recently updated.

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{Client, Server, Spawn, assert_dense, types};
+use common::{Server, Spawn, assert_dense, types};
 use serde_json::{Value, json};
 
 /// The §3.2 order: each frame's rank never goes down; thinking and tool pairs share a

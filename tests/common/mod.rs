@@ -1,7 +1,7 @@
 //! Test fixture: the real `netra` binary on port 0 with real configuration, a token
 //! minter with the server's secret, and a WebSocket client that speaks the protocol.
 //! No sleeps: every wait polls with a deadline or waits on a frame.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -189,10 +189,10 @@ impl Server {
         let client = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if let Ok(r) = client.get(self.http("/health/ready")).send().await {
-                if r.status() == 200 {
-                    return;
-                }
+            if let Ok(r) = client.get(self.http("/health/ready")).send().await
+                && r.status() == 200
+            {
+                return;
             }
             assert!(tokio::time::Instant::now() < deadline, "not ready in time; stderr:\n{}", self.stderr());
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -236,8 +236,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            if let Some(pid) = child.id() {
+        if let Some(child) = self.child.as_mut()
+            && let Some(pid) = child.id()
+        {
+            {
                 let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
                 let deadline = std::time::Instant::now() + Duration::from_secs(15);
                 while std::time::Instant::now() < deadline {
