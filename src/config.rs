@@ -65,7 +65,7 @@ pub const VARIABLES: &[Variable] = &[
         secret: true,
     },
     var("NETRA_DEV_LOGIN", "(dev) true, (prod) false", "serve POST /auth/dev/login"),
-    var("NETRA_DEV_TOKEN_TTL", "24h", "lifetime of tokens from dev login and `netra token`"),
+    var("NETRA_DEV_TOKEN_TTL", "24h", "lifetime of tokens from dev login"),
     var("NETRA_STARTUP_WAIT", "30s", "how long a WebSocket upgrade waits for startup before closing 1011"),
     var("NETRA_MAX_FRAME_BYTES", "131072", "largest inbound frame (at least 65536); larger closes 1009"),
     var("NETRA_RATE_LIMIT", "120", "inbound frames per connection per NETRA_RATE_WINDOW; more get `rate_limited`"),
@@ -565,6 +565,15 @@ mod tests {
         std::fs::write(&path, "prot = 1\n").expect("write");
         let errors = load(&env(&[]), Some(&path)).expect_err("unknown key");
         assert_eq!(errors[0].var, "PROT");
+    }
+
+    #[test]
+    fn the_readme_documents_every_variable_with_its_default() {
+        let readme = include_str!("../README.md");
+        for v in VARIABLES {
+            let row = format!("| `{}` | {} |", v.name, v.default);
+            assert!(readme.contains(&row), "README lacks the row starting {row}");
+        }
     }
 
     #[test]

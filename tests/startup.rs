@@ -153,7 +153,10 @@ async fn a_connect_during_slow_startup_waits_then_chats() {
     tokio::time::sleep_until((began + Duration::from_millis(1500)).into()).await;
     open_gate.send_replace(true);
 
-    let hello = tab.next().await;
+    let hello = match tab.next_or_close().await {
+        Ok(v) => v,
+        Err(closed) => panic!("closed {closed:?} instead of connection_established; stderr:\n{}", server.stderr()),
+    };
     assert_eq!(hello["payload"]["event"], "connection_established", "{hello}");
     server.wait_ready().await;
     let frames = tab.chat("what is 12 * (3 + 4)?", None).await;
@@ -187,8 +190,10 @@ async fn a_database_that_never_answers_closes_waiting_sockets_1011_and_exits_1()
 
     assert_eq!(server.wait_exit().await, Some(1));
     let stderr = server.stderr();
-    assert!(stderr.contains("store"), "the failed component is named:\n{stderr}");
-    assert!(stderr.contains("gateway"), "its dependents are named:\n{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.contains("component store") && l.contains("gateway")),
+        "one line names the failed component and its dependents:\n{stderr}"
+    );
 }
 
 #[tokio::test]
