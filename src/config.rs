@@ -225,6 +225,8 @@ pub struct Config {
 
 /// The longest any run may take, whatever the configuration says.
 pub const MAX_RUN_DEADLINE: Duration = Duration::from_secs(120);
+/// The smallest send queue that a client reading at full speed never overflows.
+pub const MIN_SEND_QUEUE: usize = 16;
 /// The frame limit may not go below this: the client's input box allows 10 000 characters.
 pub const MIN_FRAME_BYTES: usize = 64 * 1024;
 
@@ -411,7 +413,12 @@ impl Reader {
         let rate_window = self.duration("NETRA_RATE_WINDOW", Duration::from_secs(60));
         let connections_per_user = self.positive("NETRA_MAX_CONNECTIONS_PER_USER", 10usize);
         let runs_per_user = self.positive("NETRA_MAX_RUNS_PER_USER", 3usize);
-        let send_queue = self.positive("NETRA_SEND_QUEUE", 1024usize);
+        let send_queue = self.parse("NETRA_SEND_QUEUE", 1024usize, "write a whole number of frames");
+        if send_queue < MIN_SEND_QUEUE {
+            // One commit publishes up to a handful of frames at once (a new thread's
+            // first job has three), so a smaller queue overflows on a client that keeps up.
+            self.fail("NETRA_SEND_QUEUE", format!("below {MIN_SEND_QUEUE}"), "use 16 or more");
+        }
         let replay_batch = self.positive("NETRA_REPLAY_BATCH", 500u32);
         let run_deadline = self.duration("NETRA_RUN_DEADLINE", MAX_RUN_DEADLINE);
         if run_deadline > MAX_RUN_DEADLINE || run_deadline.is_zero() {

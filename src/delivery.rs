@@ -106,6 +106,7 @@ impl Connection {
         let mut slot = self.close.lock().expect("close lock is never held across a panic");
         if slot.is_none() {
             *slot = Some(reason);
+            metrics::counter!(metric::WS_CLOSES, "code" => reason.code.to_string()).increment(1);
         }
         drop(slot);
         self.closed.cancel();

@@ -149,11 +149,16 @@ async fn session(shared: Arc<Shared>, mut socket: WebSocket, token: Result<Strin
     tracing::Instrument::instrument(read_loop(&app, &shared, &conn, stream), span.clone()).await;
     app.delivery.registry.unregister(&conn);
     conn.close(CLOSE_NORMAL);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
+        abort.abort();
+    }
 }
 
 /// Writes queued frames, batching whatever is pending into one flush, plus heartbeat
-/// pings; sends the close frame when the connection is asked to close.
+/// pings; sends the close frame when the connection is asked to close. A write that
+/// blocks (a client that stopped reading) is abandoned the moment a close is decided:
+/// the socket is dropped instead of waiting on a buffer that never drains.
 async fn write_loop(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut queue: mpsc::Receiver<Utf8Bytes>,
@@ -163,33 +168,46 @@ async fn write_loop(
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     let mut batch = Vec::with_capacity(64);
     loop {
-        tokio::select! {
+        let written = tokio::select! {
             biased;
             _ = conn.closing() => break,
             n = queue.recv_many(&mut batch, 64) => {
                 if n == 0 { break; }
                 metrics::counter!(metric::FRAMES_OUT).increment(n as u64);
-                let mut failed = false;
-                for text in batch.drain(..) {
-                    if sink.feed(Message::Text(text)).await.is_err() { failed = true; break; }
+                let write = async {
+                    for text in batch.drain(..) {
+                        sink.feed(Message::Text(text)).await?;
+                    }
+                    sink.flush().await
+                };
+                tokio::select! {
+                    r = write => r,
+                    _ = conn.closing() => return,
                 }
-                if failed || sink.flush().await.is_err() { conn.close(CLOSE_NORMAL); return; }
             }
             _ = ping.tick() => {
-                if sink.send(Message::Ping(Bytes::new())).await.is_err() { conn.close(CLOSE_NORMAL); return; }
+                tokio::select! {
+                    r = sink.send(Message::Ping(Bytes::new())) => r,
+                    _ = conn.closing() => return,
+                }
             }
-        }
-    }
-    // Frames queued before the close still go out, then the close frame.
-    while let Ok(text) = queue.try_recv() {
-        if sink.feed(Message::Text(text)).await.is_err() {
+        };
+        if written.is_err() {
+            conn.close(CLOSE_NORMAL);
             return;
         }
     }
+    // Frames queued before the close still go out, then the close frame, as long as the
+    // client keeps reading.
     let reason = conn.close_reason().unwrap_or(CLOSE_NORMAL);
-    metrics::counter!(metric::WS_CLOSES, "code" => reason.code.to_string()).increment(1);
-    let frame = CloseFrame { code: reason.code, reason: Utf8Bytes::from_static(reason.reason) };
-    let _ = sink.send(Message::Close(Some(frame))).await;
+    let finish = async {
+        while let Ok(text) = queue.try_recv() {
+            sink.feed(Message::Text(text)).await?;
+        }
+        let frame = CloseFrame { code: reason.code, reason: Utf8Bytes::from_static(reason.reason) };
+        sink.send(Message::Close(Some(frame))).await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), finish).await;
 }
 
 /// A fixed-window counter of inbound data frames.

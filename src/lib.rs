@@ -144,6 +144,12 @@ pub async fn serve(
         metrics: telemetry::init_metrics(),
     });
 
+    let background = CancellationToken::new();
+    let writers = TaskTracker::new();
+    let parts = Arc::new(Parts::default());
+    let components = components(&config, &shared, &parts, &writers, addr);
+    shared.report.declare(&components);
+
     // The listener answers probes before any component exists.
     let stop_http = CancellationToken::new();
     let router = web::router(shared.clone());
@@ -159,10 +165,6 @@ pub async fn serve(
         }
     });
 
-    let background = CancellationToken::new();
-    let writers = TaskTracker::new();
-    let parts = Arc::new(Parts::default());
-    let components = components(&config, &shared, &parts, &writers, addr);
     let started = startup::run(components, &shared.report, background.clone()).await;
     if let Err(failure) = started {
         background.cancel();

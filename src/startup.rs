@@ -154,6 +154,23 @@ impl Report {
         }
     }
 
+    /// Lists every component as pending, so the report is complete from the start.
+    pub fn declare(&self, components: &[Component]) {
+        let mut inner = self.lock();
+        inner.started = Some(Instant::now());
+        inner.components = components
+            .iter()
+            .map(|c| ComponentStatus {
+                name: c.name,
+                criticality: c.criticality,
+                depends_on: c.deps,
+                state: State::Pending,
+                duration_ms: None,
+                error: None,
+            })
+            .collect();
+    }
+
     /// Records a state change of `name` after `since`.
     pub fn set(&self, name: &str, state: State, since: Option<Instant>, error: Option<String>) {
         let mut inner = self.lock();
@@ -202,21 +219,7 @@ pub async fn run(components: Vec<Component>, report: &Report, stop: Cancellation
         timed_out: false,
         dependents: Vec::new(),
     })?;
-    {
-        let mut inner = report.lock();
-        inner.started = Some(Instant::now());
-        inner.components = components
-            .iter()
-            .map(|c| ComponentStatus {
-                name: c.name,
-                criticality: c.criticality,
-                depends_on: c.deps,
-                state: State::Pending,
-                duration_ms: None,
-                error: None,
-            })
-            .collect();
-    }
+    report.declare(&components);
     for level in levels {
         let starts = level.iter().map(|&i| {
             let c = &components[i];
