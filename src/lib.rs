@@ -11,6 +11,7 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 mod gateway;
+mod health;
 pub mod protocol;
 mod selftest;
 pub mod startup;

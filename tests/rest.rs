@@ -356,3 +356,21 @@ async fn discovery_and_mcp_calls_get_a_harmless_404() {
         assert_detail(status, &body, 404);
     }
 }
+
+#[tokio::test]
+async fn the_openapi_document_is_served_and_names_every_rest_route() {
+    let server = common::Server::start().await;
+    let doc: serde_json::Value =
+        reqwest::get(server.http("/openapi.json")).await.expect("get").json().await.expect("openapi json");
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{doc}");
+    let paths = doc["paths"].as_object().expect("paths");
+    for p in
+        ["/api/threads", "/api/threads/{id}", "/api/threads/{id}/messages", "/auth/dev/login", "/api/agent/v2/execute"]
+    {
+        assert!(paths.contains_key(p), "{p} missing");
+    }
+    let thread = &doc["components"]["schemas"]["ThreadOut"]["properties"];
+    for field in ["id", "object", "title", "created_at", "updated_at", "metadata", "message_count"] {
+        assert!(thread.get(field).is_some(), "ThreadOut lacks {field}");
+    }
+}

@@ -1,0 +1,254 @@
+//! HTTP routes: the auth endpoints and thread REST API the Netra web client calls
+//! (PROTOCOL.md §4), the agent-over-REST shims (§4.6), health, metrics, and the OpenAPI
+//! document generated from the handlers' types. Handlers hold no state of their own;
+//! they read the published `App` and answer 503 before it exists.
+
+mod auth;
+mod threads;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa::OpenApi;
+
+use crate::agent::StartError;
+use crate::auth::{TokenKind, User};
+use crate::store::StoreError;
+use crate::telemetry::metric;
+use crate::{App, Shared, gateway, health};
+
+/// The body of every REST error: the web client shows `detail`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct Detail {
+    detail: String,
+}
+
+/// A REST failure: one status and a `{"detail"}` body.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+        Self { status, detail: detail.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(Detail { detail: self.detail })).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => Self::new(StatusCode::NOT_FOUND, "not found"),
+            other => {
+                tracing::warn!(error = %other, "store error in a request");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "the database is unavailable; try again")
+            }
+        }
+    }
+}
+
+impl From<StartError> for ApiError {
+    fn from(e: StartError) -> Self {
+        let status = match &e {
+            StartError::Forbidden => StatusCode::NOT_FOUND,
+            StartError::Busy => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self::new(status, gateway::start_error(e).message)
+    }
+}
+
+/// A JSON body whose rejections are `{"detail"}` errors like every other failure.
+pub(crate) struct Body<T>(pub(crate) T);
+
+impl<T, S> FromRequest<S> for Body<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+impl<T, S> axum::extract::OptionalFromRequest<S> for Body<T>
+where
+    Json<T>: axum::extract::OptionalFromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, ApiError> {
+        match <Json<T> as axum::extract::OptionalFromRequest<S>>::from_request(req, state).await {
+            Ok(v) => Ok(v.map(|Json(v)| Self(v))),
+            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+/// The published app; 503 while starting.
+pub(crate) struct Ready(Arc<App>);
+
+impl FromRequestParts<Arc<Shared>> for Ready {
+    type Rejection = ApiError;
+    async fn from_request_parts(_: &mut Parts, shared: &Arc<Shared>) -> Result<Self, ApiError> {
+        shared.app_now().map(Ready).ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service starting"))
+    }
+}
+
+/// A request with a valid access token.
+pub(crate) struct Authed {
+    app: Arc<App>,
+    user: User,
+}
+
+impl FromRequestParts<Arc<Shared>> for Authed {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Self, ApiError> {
+        let Ready(app) = Ready::from_request_parts(parts, shared).await?;
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
+        let user = app.keys.verify(token.trim(), TokenKind::Access).map_err(|e| {
+            metrics::counter!(metric::AUTH_FAILURES, "reason" => e.reason()).increment(1);
+            ApiError::new(StatusCode::UNAUTHORIZED, e.to_string())
+        })?;
+        Ok(Self { app, user })
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "netra", description = "REST API of netra, the real-time AI chat backend (PROTOCOL.md §4)."),
+    paths(
+        auth::config, auth::dev_login, auth::refresh, auth::me, auth::logout, auth::validate, auth::session,
+        threads::list, threads::create, threads::get_one, threads::update, threads::delete, threads::messages,
+        threads::execute_v2, threads::execute_v1,
+    ),
+    modifiers(&BearerAuth),
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let scheme = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build();
+        components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+/// The OpenAPI 3 document, generated from the handlers' annotations and types.
+pub(crate) fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().expect("the generated document serializes")
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
+}
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    let origins: Vec<HeaderValue> = shared.config.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_credentials(true)
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT])
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS]);
+    Router::new()
+        .route("/ws", get(gateway::upgrade))
+        .route("/websocket", get(gateway::upgrade))
+        .route("/ws/isolated", get(gateway::upgrade))
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route("/health/startup", get(health::startup_report))
+        .route("/health", get(health::health))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/auth/config", get(auth::config))
+        .route("/auth/dev/login", post(auth::dev_login))
+        .route("/auth/refresh", post(auth::refresh))
+        .route("/auth/me", get(auth::me))
+        .route("/auth/logout", post(auth::logout))
+        .route("/auth/validate", post(auth::validate))
+        .route("/auth/session", get(auth::session))
+        .route("/api/threads", get(threads::list).post(threads::create))
+        .route("/api/threads/{id}", get(threads::get_one).put(threads::update).delete(threads::delete))
+        .route("/api/threads/{id}/messages", get(threads::messages))
+        .route("/api/agent/v2/execute", post(threads::execute_v2))
+        .route("/api/agents/{kind}", post(threads::execute_v1))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(count_requests))
+        .layer(cors)
+        // Outside the CORS layer: it answers preflights itself, without calling inward.
+        .layer(axum::middleware::map_response(preflight_no_content))
+        .with_state(shared)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not found")
+}
+
+/// PROTOCOL.md §4.1 wants 204 for preflights.
+async fn preflight_no_content(mut response: Response) -> Response {
+    if response.headers().contains_key(header::ACCESS_CONTROL_ALLOW_METHODS) && response.status() == StatusCode::OK {
+        *response.status_mut() = StatusCode::NO_CONTENT;
+    }
+    response
+}
+
+async fn count_requests(request: Request, next: Next) -> Response {
+    let route =
+        request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let response = next.run(request).await;
+    metrics::counter!(metric::HTTP_REQUESTS, "route" => route, "status" => response.status().as_u16().to_string())
+        .increment(1);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_openapi_document_covers_every_rest_route() {
+        let doc: serde_json::Value = serde_json::from_str(&super::openapi_json()).expect("json");
+        assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+        for path in [
+            "/auth/config",
+            "/auth/dev/login",
+            "/auth/refresh",
+            "/auth/me",
+            "/api/threads",
+            "/api/threads/{id}",
+            "/api/threads/{id}/messages",
+            "/api/agent/v2/execute",
+            "/api/agents/{kind}",
+        ] {
+            assert!(doc["paths"].get(path).is_some(), "{path} missing from the OpenAPI document");
+        }
+        assert!(doc["components"]["schemas"].get("ThreadOut").is_some());
+        assert!(doc["components"]["securitySchemes"].get("bearer").is_some());
+    }
+}
