@@ -89,6 +89,25 @@ impl Spawn {
             ("JWT_SECRET".to_string(), self.secret.clone()),
             ("NETRA_LOG".to_string(), "info".to_string()),
         ];
+        // The whole suite runs once per backend: scripts/test sets NETRA_TEST_BACKEND=postgres
+        // for the second pass, which gives every server without an explicit DATABASE_URL a
+        // fresh PostgreSQL schema.
+        // A restart on the same data dir must find the same database, so the schema's URL
+        // is remembered in the data dir.
+        if std::env::var("NETRA_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+            && !self.env.iter().any(|(k, _)| k == "DATABASE_URL")
+        {
+            let remembered = data_dir.join("test-database-url");
+            let url = match std::fs::read_to_string(&remembered) {
+                Ok(url) => url,
+                Err(_) => {
+                    let url = fresh_pg_url().await;
+                    std::fs::write(&remembered, &url).expect("remember the test database");
+                    url
+                }
+            };
+            env.push(("DATABASE_URL".to_string(), url));
+        }
         for (k, v) in self.env {
             env.retain(|(ek, _)| *ek != k);
             env.push((k, v));
