@@ -84,6 +84,32 @@ pub const VARIABLES: &[Variable] = &[
     var("NETRA_DRAIN_TIMEOUT", "10s", "on SIGTERM, how long running runs may finish before they are cancelled"),
     var("NETRA_AGENT_TOKEN_DELAY", "15ms", "builtin agent: pause between streamed words (0 for benchmarks)"),
     var(
+        "LLM_PROVIDER",
+        "builtin (openai when LLM_BASE_URL is set)",
+        "builtin (offline agent) or openai (any OpenAI-compatible chat-completions endpoint)",
+    ),
+    var("LLM_BASE_URL", "(unset)", "the endpoint's base URL, e.g. http://127.0.0.1:11434/v1 (Ollama)"),
+    Variable {
+        name: "LLM_API_KEY",
+        default: "(unset)",
+        meaning: "sent as `Authorization: Bearer …` to the endpoint; never logged",
+        secret: true,
+    },
+    var("LLM_MODEL", DEFAULT_MODEL, "the model name sent to the endpoint"),
+    var(
+        "LLM_TIMEOUT",
+        "60s",
+        "per request to the model: longest wait for the reply to start, and between two streamed chunks",
+    ),
+    var(
+        "LLM_REQUIRED",
+        "false",
+        "true makes an unreachable endpoint stop startup; otherwise runs fail with `agent_error` until it answers",
+    ),
+    var("NETRA_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT, "the system message sent first to the model"),
+    var("NETRA_HISTORY_BUDGET", "24000", "characters of the thread's earlier messages sent to the model"),
+    var("NETRA_TOOL_TIMEOUT", "5s", "longest a tool called by the model may run"),
+    var(
         "NETRA_CORS_ORIGINS",
         "http://localhost:3000,http://127.0.0.1:3000",
         "origins allowed to call the REST API with credentials, comma-separated",
@@ -91,6 +117,12 @@ pub const VARIABLES: &[Variable] = &[
     var("NETRA_LOG", "info", "log filter (tracing EnvFilter syntax)"),
     var("NETRA_LOG_FORMAT", "(dev) pretty, (prod) json", "pretty or json"),
 ];
+
+/// The model asked for when `LLM_MODEL` is unset.
+pub const DEFAULT_MODEL: &str = "gpt-4o-mini";
+/// The system message when `NETRA_SYSTEM_PROMPT` is unset.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are netra, a helpful assistant. Answer clearly and concisely. \
+     Use the calculator for arithmetic and the clock for the current date and time.";
 
 /// Which deployment this is. It only picks defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +233,38 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
+/// An OpenAI-compatible chat-completions endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAiEndpoint {
+    /// Without a trailing `/`, e.g. `http://127.0.0.1:11434/v1`.
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    pub model: String,
+    /// Longest wait for a reply to start, and between two streamed chunks.
+    pub timeout: Duration,
+}
+
+/// Where runs get their words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LlmProvider {
+    /// The offline builtin agent.
+    Builtin,
+    OpenAi(OpenAiEndpoint),
+}
+
+/// The model and what a run sends it.
+#[derive(Debug, Clone)]
+pub struct Llm {
+    pub provider: LlmProvider,
+    /// An unreachable endpoint stops startup instead of degrading runs.
+    pub required: bool,
+    pub system_prompt: String,
+    /// Characters of earlier messages sent with a run.
+    pub history_budget: usize,
+    /// Longest a tool called by the model may run.
+    pub tool_timeout: Duration,
+}
+
 /// The whole validated configuration. Built once, then shared read-only.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -218,6 +282,7 @@ pub struct Config {
     pub limits: Limits,
     pub drain_timeout: Duration,
     pub agent_token_delay: Duration,
+    pub llm: Llm,
     pub cors_origins: Vec<String>,
     pub log_filter: String,
     pub log_format: LogFormat,
@@ -361,6 +426,52 @@ impl Reader {
         v
     }
 
+    fn llm(&mut self) -> Llm {
+        let base_url = self.raw("LLM_BASE_URL").map(|u| u.trim_end_matches('/').to_string());
+        if let Some(url) = &base_url {
+            let host = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+            if host.is_none_or(str::is_empty) {
+                self.fail("LLM_BASE_URL", "not an http(s) URL", "write e.g. http://127.0.0.1:11434/v1");
+            }
+        }
+        let openai = match self.raw("LLM_PROVIDER").map(str::to_ascii_lowercase).as_deref() {
+            None => base_url.is_some(),
+            Some("builtin") => false,
+            Some("openai") => {
+                if base_url.is_none() {
+                    self.fail(
+                        "LLM_BASE_URL",
+                        "required when LLM_PROVIDER is openai",
+                        "set it to the endpoint, e.g. https://api.openai.com/v1 or http://127.0.0.1:11434/v1",
+                    );
+                }
+                true
+            }
+            Some(_) => {
+                self.fail("LLM_PROVIDER", "not builtin or openai", "use builtin or openai");
+                false
+            }
+        };
+        let api_key = self.raw("LLM_API_KEY").map(Secret::new);
+        let model = self.raw("LLM_MODEL").unwrap_or(DEFAULT_MODEL).to_string();
+        let timeout = self.duration("LLM_TIMEOUT", Duration::from_secs(60));
+        if timeout.is_zero() {
+            self.fail("LLM_TIMEOUT", "must be above zero", "use a duration such as 60s");
+        }
+        let required = self.parse("LLM_REQUIRED", false, "write true or false");
+        let system_prompt = self.raw("NETRA_SYSTEM_PROMPT").unwrap_or(DEFAULT_SYSTEM_PROMPT).to_string();
+        let history_budget = self.parse("NETRA_HISTORY_BUDGET", 24_000usize, "write a number of characters");
+        let tool_timeout = self.duration("NETRA_TOOL_TIMEOUT", Duration::from_secs(5));
+        if tool_timeout.is_zero() {
+            self.fail("NETRA_TOOL_TIMEOUT", "must be above zero", "use a duration such as 5s");
+        }
+        let provider = match base_url {
+            Some(base_url) if openai => LlmProvider::OpenAi(OpenAiEndpoint { base_url, api_key, model, timeout }),
+            _ => LlmProvider::Builtin,
+        };
+        Llm { provider, required, system_prompt, history_budget, tool_timeout }
+    }
+
     fn build(&mut self) -> Config {
         let environment = self.parse("ENVIRONMENT", Environment::Development, "use development, staging or production");
         let dev = environment == Environment::Development;
@@ -435,6 +546,7 @@ impl Reader {
         }
         let drain_timeout = self.duration("NETRA_DRAIN_TIMEOUT", Duration::from_secs(10));
         let agent_token_delay = self.duration("NETRA_AGENT_TOKEN_DELAY", Duration::from_millis(15));
+        let llm = self.llm();
         let cors_origins: Vec<String> = self
             .raw("NETRA_CORS_ORIGINS")
             .unwrap_or("http://localhost:3000,http://127.0.0.1:3000")
@@ -487,6 +599,7 @@ impl Reader {
             },
             drain_timeout,
             agent_token_delay,
+            llm,
             cors_origins,
             log_filter,
             log_format,
@@ -581,6 +694,33 @@ mod tests {
             let row = format!("| `{}` | {} |", v.name, v.default);
             assert!(readme.contains(&row), "README lacks the row starting {row}");
         }
+    }
+
+    #[test]
+    fn a_base_url_implies_the_openai_provider() {
+        let c = load(&env(&[]), None).expect("defaults are valid");
+        assert_eq!(c.llm.provider, LlmProvider::Builtin);
+        assert!(!c.llm.required);
+        let c = load(&env(&[("LLM_BASE_URL", "http://127.0.0.1:11434/v1/"), ("LLM_API_KEY", "sk-hidden-key")]), None)
+            .expect("valid");
+        let LlmProvider::OpenAi(endpoint) = &c.llm.provider else { panic!("openai implied: {c:?}") };
+        assert_eq!(endpoint.base_url, "http://127.0.0.1:11434/v1");
+        assert_eq!(endpoint.model, "gpt-4o-mini");
+        assert_eq!(endpoint.timeout, Duration::from_secs(60));
+        assert_eq!(c.llm.history_budget, 24_000);
+        assert!(!format!("{c:?}").contains("sk-hidden-key"));
+        let c = load(&env(&[("LLM_PROVIDER", "builtin"), ("LLM_BASE_URL", "http://h/v1")]), None).expect("valid");
+        assert_eq!(c.llm.provider, LlmProvider::Builtin, "an explicit choice wins");
+    }
+
+    #[test]
+    fn llm_settings_are_validated_together() {
+        let errors = load(&env(&[("LLM_PROVIDER", "openai"), ("LLM_TIMEOUT", "soon")]), None).expect_err("invalid");
+        let vars: Vec<&str> = errors.iter().map(|e| e.var.as_str()).collect();
+        assert_eq!(vars, vec!["LLM_BASE_URL", "LLM_TIMEOUT"], "{errors:?}");
+        let errors = load(&env(&[("LLM_BASE_URL", "ftp://x"), ("LLM_PROVIDER", "claude")]), None).expect_err("bad");
+        let vars: Vec<&str> = errors.iter().map(|e| e.var.as_str()).collect();
+        assert_eq!(vars, vec!["LLM_BASE_URL", "LLM_PROVIDER"], "{errors:?}");
     }
 
     #[test]

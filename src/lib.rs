@@ -31,9 +31,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::{Builtin, Provider, Supervisor};
+use crate::agent::{Builtin, OpenAi, Provider, Providers, Supervisor};
 use crate::auth::Keys;
-use crate::config::Config;
+use crate::config::{Config, LlmProvider};
 use crate::delivery::{CloseReason, Delivery};
 use crate::startup::{Component, Criticality, Report, State};
 use crate::store::Store;
@@ -99,6 +99,8 @@ pub enum ServeError {
     Startup(#[from] startup::StartupFailure),
     #[error("http server failed: {0}")]
     Http(#[source] std::io::Error),
+    #[error(transparent)]
+    Provider(#[from] agent::ClientError),
 }
 
 /// Binds `host:port` with a listen backlog that survives a connection storm (the
@@ -148,6 +150,12 @@ pub async fn serve(
     let background = CancellationToken::new();
     let writers = TaskTracker::new();
     let parts = Arc::new(Parts::default());
+    // Built before startup, so runs have a provider even while its endpoint is degraded.
+    let provider = match &config.llm.provider {
+        LlmProvider::Builtin => Provider::Builtin(Builtin { token_delay: config.agent_token_delay }),
+        LlmProvider::OpenAi(endpoint) => Provider::OpenAi(OpenAi::new(endpoint.clone(), &config.llm)?),
+    };
+    let _ = parts.provider.set(provider);
     let components = components(&config, &shared, &parts, &writers, addr);
     shared.report.declare(&components);
 
@@ -238,12 +246,20 @@ fn components(
             Ok(())
         }
     });
-    let (c, p) = (config.clone(), parts.clone());
-    let provider = Component::new("llm_provider", &[], required, Duration::from_secs(5), move || {
-        let (c, p) = (c.clone(), p.clone());
+    // A model endpoint is optional unless LLM_REQUIRED: while it is away the server still
+    // starts and serves history, and runs end with an agent_error naming the cause.
+    let provider_criticality = match &config.llm.provider {
+        LlmProvider::OpenAi(_) if !config.llm.required => Criticality::Optional,
+        _ => required,
+    };
+    let p = parts.clone();
+    let provider = Component::new("llm_provider", &[], provider_criticality, Duration::from_secs(5), move || {
+        let p = p.clone();
         async move {
-            let _ = p.provider.set(Provider::Builtin(Builtin { token_delay: c.agent_token_delay }));
-            Ok(())
+            match p.provider.get().cloned().ok_or("no provider was built")? {
+                Provider::Builtin(_) => Ok(()),
+                Provider::OpenAi(model) => model.check().await.map_err(|e| e.to_string()),
+            }
         }
     });
     let (c, p, w) = (config.clone(), parts.clone(), writers.clone());
@@ -263,10 +279,18 @@ fn components(
         move || {
             let (c, p) = (c.clone(), p.clone());
             async move {
+                // The self-test proves netra's own pipeline; the model has its own check.
+                let providers = Providers {
+                    main: part(&p.provider, "llm_provider"),
+                    probe: Some((
+                        selftest::USER.to_string(),
+                        Provider::Builtin(Builtin { token_delay: c.agent_token_delay }),
+                    )),
+                };
                 let supervisor = Supervisor::new(
                     part(&p.delivery, "delivery"),
                     part(&p.store, "store"),
-                    part(&p.provider, "llm_provider"),
+                    providers,
                     NODE_ID.to_string(),
                     c.limits.runs_per_user,
                     c.limits.run_deadline,

@@ -14,7 +14,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use crate::auth::{Keys, TokenKind, User};
 use crate::store::Store;
 
-const USER: &str = "netra-self-test";
+/// The user the self-test runs as; its runs always use the builtin agent.
+pub(crate) const USER: &str = "netra-self-test";
 
 pub(crate) async fn run(addr: SocketAddr, keys: &Keys, store: &Store) -> Result<(), String> {
     let host = if addr.ip().is_unspecified() {

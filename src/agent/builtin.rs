@@ -18,6 +18,7 @@ pub struct Builtin {
 }
 
 impl Builtin {
+    /// Answers the run's message with the tools it needs, streaming word by word.
     pub async fn run(&self, ctx: &RunContext) -> Result<Answer, RunFailure> {
         let text = ctx.text.as_str();
         let mut tools_used = vec![Tool::AnalyzeMessage];
@@ -123,6 +124,6 @@ impl Builtin {
                 tokio::time::sleep(self.token_delay).await;
             }
         }
-        Ok(Answer { text: answer, tools: tools_used.iter().map(|t| t.name().to_string()).collect() })
+        Ok(Answer { text: answer, tools: tools_used.iter().map(|t| t.name().to_string()).collect(), usage: None })
     }
 }

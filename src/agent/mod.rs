@@ -1,9 +1,11 @@
 //! The agent supervisor: starts runs as tracked tasks with a deadline and a cancellation
 //! token, enforces the per-user limit on concurrent runs, stops runs on request, and
 //! drains them on shutdown. A run only emits events through delivery; it never touches
-//! a socket, and every run ends with a persisted final event and status.
+//! a socket, and every run ends with a persisted final event and status. Providers
+//! (the builtin agent, an OpenAI-compatible model) only produce a run's middle events.
 
 mod builtin;
+mod openai;
 pub mod tools;
 
 use std::collections::HashMap;
@@ -17,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use builtin::Builtin;
+pub use openai::{ClientError, OpenAi, UpstreamError};
 
 use crate::delivery::{Delivery, DeliveryError};
 use crate::protocol::{EventType, now_rfc3339};
@@ -26,17 +29,59 @@ use crate::telemetry::metric;
 /// The name every event of a run carries in `agent_name`.
 pub const AGENT_NAME: &str = "supervisor";
 
+/// How many of a thread's latest messages a run reads as its context.
+const HISTORY_MESSAGES: i64 = 50;
+
 /// Where a run's words come from.
 #[derive(Debug, Clone)]
 pub enum Provider {
     Builtin(Builtin),
+    OpenAi(OpenAi),
+}
+
+impl Provider {
+    async fn run(&self, ctx: &RunContext) -> Result<Answer, RunFailure> {
+        match self {
+            Self::Builtin(b) => b.run(ctx).await,
+            Self::OpenAi(o) => o.run(ctx).await,
+        }
+    }
+}
+
+/// Which provider serves whom.
+#[derive(Debug, Clone)]
+pub struct Providers {
+    /// Serves every user but `probe`'s.
+    pub main: Provider,
+    /// A user whose runs use another provider: the startup self-test checks netra's own
+    /// pipeline with the builtin agent, whatever model serves everyone else.
+    pub probe: Option<(String, Provider)>,
+}
+
+impl Providers {
+    fn for_user(&self, user_id: &str) -> &Provider {
+        match &self.probe {
+            Some((probe, provider)) if probe == user_id => provider,
+            _ => &self.main,
+        }
+    }
+}
+
+/// Tokens a model reported for a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
 }
 
 /// A finished answer.
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub text: String,
+    /// The tools called, in order.
     pub tools: Vec<String>,
+    /// `None` when no model ran (the builtin agent) or it reported none.
+    pub usage: Option<Usage>,
 }
 
 /// Why a run could not produce an answer.
@@ -46,6 +91,19 @@ pub enum RunFailure {
     Delivery(#[from] DeliveryError),
     #[error("could not read the thread's history: {0}")]
     History(#[from] StoreError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl RunFailure {
+    /// The reason code and message the client sees. Upstream causes are named; server
+    /// faults stay in the log.
+    fn public(&self) -> (&'static str, String) {
+        match self {
+            Self::Upstream(e) => (e.reason(), e.to_string()),
+            Self::Delivery(_) | Self::History(_) => ("failed", "the agent failed; see the server log".into()),
+        }
+    }
 }
 
 /// What a provider sees of the run it works on.
@@ -116,7 +174,7 @@ struct ActiveRun {
 struct Inner {
     delivery: Delivery,
     store: Store,
-    provider: Provider,
+    providers: Providers,
     node_id: String,
     runs_per_user: usize,
     deadline: Duration,
@@ -144,7 +202,7 @@ impl Supervisor {
     pub fn new(
         delivery: Delivery,
         store: Store,
-        provider: Provider,
+        providers: Providers,
         node_id: String,
         runs_per_user: usize,
         deadline: Duration,
@@ -153,7 +211,7 @@ impl Supervisor {
             inner: Arc::new(Inner {
                 delivery,
                 store,
-                provider,
+                providers,
                 node_id,
                 runs_per_user,
                 deadline,
@@ -185,6 +243,7 @@ impl Supervisor {
                 "interrupted",
                 failure_events(&run.run_id, message, "interrupted"),
                 Some(message),
+                None,
             );
             self.inner.delivery.commit(job, &owner).await?;
             tracing::info!(run_id = %run.run_id, "marked run interrupted");
@@ -282,11 +341,10 @@ impl Supervisor {
     #[tracing::instrument(name = "run", skip_all, fields(run_id = %ctx.run_id, thread_id = %ctx.thread_id))]
     async fn execute(self, mut ctx: RunContext, cancel: CancellationToken) {
         let started = Instant::now();
+        // Dropping `work` (stop, deadline) drops the provider's upstream stream with it.
         let work = async {
-            ctx.history = self.inner.store.recent_messages(&ctx.thread_id, 20).await?;
-            match &self.inner.provider {
-                Provider::Builtin(b) => b.run(&ctx).await,
-            }
+            ctx.history = self.inner.store.recent_messages(&ctx.thread_id, HISTORY_MESSAGES).await?;
+            self.inner.providers.for_user(&ctx.owner).run(&ctx).await
         };
         let ending = tokio::select! {
             biased;
@@ -300,12 +358,17 @@ impl Supervisor {
         let elapsed_ms = started.elapsed().as_millis() as u64;
         let (status, job) = match &ending {
             Ending::Completed(answer) => {
+                let metrics = match answer.usage {
+                    Some(u) => json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens}),
+                    None => json!({}),
+                };
                 let events = vec![
                     run_event(
                         EventType::AgentCompleted,
                         &ctx.run_id,
                         &json!({"status": "completed", "result": {"response": answer.text, "tools": answer.tools},
-                                "execution_time_ms": elapsed_ms, "metrics": {}, "message": format!("{AGENT_NAME} completed")}),
+                                "execution_time_ms": elapsed_ms, "metrics": metrics,
+                                "message": format!("{AGENT_NAME} completed")}),
                     ),
                     run_event(
                         EventType::FinalReport,
@@ -314,7 +377,7 @@ impl Supervisor {
                                 "action_plan": "", "total_duration_ms": elapsed_ms}),
                     ),
                 ];
-                let mut job = ending_job(&ctx.thread_id, &ctx.run_id, "completed", events, None);
+                let mut job = ending_job(&ctx.thread_id, &ctx.run_id, "completed", events, None, answer.usage);
                 job.rows.push(Row::Message {
                     id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
                     role: "assistant",
@@ -331,18 +394,19 @@ impl Supervisor {
                     &json!({"status": "cancelled", "result": {}, "execution_time_ms": elapsed_ms,
                             "message": "the run was stopped"}),
                 )];
-                ("cancelled", ending_job(&ctx.thread_id, &ctx.run_id, "cancelled", events, None))
+                ("cancelled", ending_job(&ctx.thread_id, &ctx.run_id, "cancelled", events, None, None))
             }
             Ending::TimedOut => {
                 let message = format!("the run exceeded its deadline of {} s", self.inner.deadline.as_secs());
                 let events = failure_events(&ctx.run_id, &message, "timed_out");
-                ("timed_out", ending_job(&ctx.thread_id, &ctx.run_id, "timed_out", events, Some(&message)))
+                ("timed_out", ending_job(&ctx.thread_id, &ctx.run_id, "timed_out", events, Some(&message), None))
             }
             Ending::Failed(failure) => {
                 tracing::warn!(error = %failure, "run failed");
-                let message = "the agent failed; see the server log".to_string();
-                let events = failure_events(&ctx.run_id, &message, "failed");
-                ("failed", ending_job(&ctx.thread_id, &ctx.run_id, "failed", events, Some(&failure.to_string())))
+                let (reason, message) = failure.public();
+                let events = failure_events(&ctx.run_id, &message, reason);
+                let error = failure.to_string();
+                ("failed", ending_job(&ctx.thread_id, &ctx.run_id, "failed", events, Some(&error), None))
             }
         };
         if let Err(e) = self.inner.delivery.commit(job, &ctx.owner).await {
@@ -420,10 +484,18 @@ fn ending_job(
     status: &'static str,
     events: Vec<NewEvent>,
     error: Option<&str>,
+    usage: Option<Usage>,
 ) -> WriteJob {
+    let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     WriteJob {
         thread_id: thread_id.to_string(),
-        rows: vec![Row::EndRun { run_id: run_id.to_string(), status, error: error.map(str::to_string) }],
+        rows: vec![Row::EndRun {
+            run_id: run_id.to_string(),
+            status,
+            error: error.map(str::to_string),
+            prompt_tokens: usage.map(|u| tokens(u.prompt_tokens)),
+            completion_tokens: usage.map(|u| tokens(u.completion_tokens)),
+        }],
         events,
     }
 }

@@ -1,5 +1,6 @@
-//! The builtin agent's tools: real, offline and deterministic. Each takes JSON arguments
-//! and returns a JSON result or an error the agent reports; none can panic on input.
+//! The builtin tools: real, offline and deterministic. Each takes JSON arguments and
+//! returns a JSON result or an error the agent reports; none can panic on input. The
+//! builtin agent calls them itself; a model is offered them with their JSON schemas.
 
 use serde_json::{Value, json};
 
@@ -15,6 +16,14 @@ pub enum Tool {
 }
 
 impl Tool {
+    /// Every tool, in the order a model is offered them.
+    pub const ALL: [Tool; 3] = [Self::Calculator, Self::Clock, Self::AnalyzeMessage];
+
+    /// The tool a model names, if it exists.
+    pub fn by_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::AnalyzeMessage => "analyze_message",
@@ -23,6 +32,35 @@ impl Tool {
         }
     }
 
+    /// What the tool does, for a model deciding whether to call it.
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::AnalyzeMessage => "Counts the words and characters of a text and says whether it asks a question.",
+            Self::Calculator => {
+                "Evaluates an arithmetic expression with + - * / % ^ and parentheses, e.g. 12 * (3 + 4)."
+            }
+            Self::Clock => "Returns the current date and time in UTC (RFC 3339).",
+        }
+    }
+
+    /// The JSON schema of the tool's arguments.
+    pub fn schema(self) -> Value {
+        match self {
+            Self::AnalyzeMessage => json!({
+                "type": "object",
+                "properties": {"text": {"type": "string", "description": "the text to analyze"}},
+                "required": ["text"],
+            }),
+            Self::Calculator => json!({
+                "type": "object",
+                "properties": {"expression": {"type": "string", "description": "the expression, e.g. 6*7"}},
+                "required": ["expression"],
+            }),
+            Self::Clock => json!({"type": "object", "properties": {}}),
+        }
+    }
+
+    /// Runs the tool on `args`; bad arguments are an error, never a panic.
     pub fn run(self, args: &Value) -> Result<Value, String> {
         match self {
             Self::AnalyzeMessage => {
@@ -226,6 +264,17 @@ mod tests {
         assert!(evaluate("1 / 0").is_err());
         assert!(evaluate("(1 + 2").is_err());
         assert!(evaluate(&"(".repeat(10_000)).is_err());
+    }
+
+    #[test]
+    fn every_tool_has_an_object_schema_and_is_found_by_name() {
+        for tool in Tool::ALL {
+            assert_eq!(Tool::by_name(tool.name()), Some(tool));
+            assert_eq!(tool.schema()["type"], "object");
+            assert!(!tool.description().is_empty());
+        }
+        assert_eq!(Tool::by_name("rm -rf"), None);
+        assert!(Tool::Calculator.run(&json!({"expression": 7})).is_err());
     }
 
     #[test]

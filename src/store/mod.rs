@@ -47,7 +47,8 @@ impl From<sqlx::Error> for StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] =
+    &[(1, include_str!("migrations/0001_init.sql")), (2, include_str!("migrations/0002_run_usage.sql"))];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
@@ -127,6 +128,9 @@ pub enum Row {
         run_id: String,
         status: &'static str,
         error: Option<String>,
+        /// Tokens the model reported, when a model ran.
+        prompt_tokens: Option<i64>,
+        completion_tokens: Option<i64>,
     },
 }
 
@@ -562,14 +566,19 @@ async fn write_job(tx: &mut Transaction<'static, Any>, job: &WriteJob) -> Result
                 .execute(&mut **tx)
                 .await?;
             }
-            Row::EndRun { run_id, status, error } => {
-                sqlx::query("UPDATE runs SET status = $2, ended_at = $3, error = $4 WHERE id = $1")
-                    .bind(run_id)
-                    .bind(*status)
-                    .bind(now)
-                    .bind(error.as_deref())
-                    .execute(&mut **tx)
-                    .await?;
+            Row::EndRun { run_id, status, error, prompt_tokens, completion_tokens } => {
+                sqlx::query(
+                    "UPDATE runs SET status = $2, ended_at = $3, error = $4, prompt_tokens = $5, \
+                     completion_tokens = $6 WHERE id = $1",
+                )
+                .bind(run_id)
+                .bind(*status)
+                .bind(now)
+                .bind(error.as_deref())
+                .bind(*prompt_tokens)
+                .bind(*completion_tokens)
+                .execute(&mut **tx)
+                .await?;
             }
         }
     }
