@@ -188,6 +188,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/health", get(health::health))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi))
+        .route("/", get(chat_page))
         .route("/auth/config", get(auth::config))
         .route("/auth/dev/login", post(auth::dev_login))
         .route("/auth/refresh", post(auth::refresh))
@@ -206,6 +207,11 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         // Outside the CORS layer: it answers preflights itself, without calling inward.
         .layer(axum::middleware::map_response(preflight_no_content))
         .with_state(shared)
+}
+
+/// The built-in chat page, embedded in the binary.
+async fn chat_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("chat.html"))
 }
 
 async fn not_found() -> ApiError {
