@@ -259,6 +259,25 @@ struct Pending {
     reply: oneshot::Sender<Result<Vec<EventFrame>, DeliveryError>>,
 }
 
+/// A submitted job whose commit has not been awaited yet.
+pub struct InFlight(oneshot::Receiver<Result<Vec<EventFrame>, DeliveryError>>);
+
+impl InFlight {
+    /// Waits for the commit.
+    pub async fn wait(self) -> Result<Vec<EventFrame>, DeliveryError> {
+        self.0.await.map_err(|_| DeliveryError::Stopped)?
+    }
+
+    /// The outcome if the commit already happened, `None` while it is pending.
+    pub fn try_outcome(&mut self) -> Option<Result<(), DeliveryError>> {
+        match self.0.try_recv() {
+            Ok(result) => Some(result.map(|_| ())),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(DeliveryError::Stopped)),
+        }
+    }
+}
+
 /// Persist-then-publish for this node.
 #[derive(Clone)]
 pub struct Delivery {
@@ -284,10 +303,17 @@ impl Delivery {
     /// Commits a job (rows and events of one thread, atomically), publishes its events,
     /// and returns them with their `seq`.
     pub async fn commit(&self, job: WriteJob, owner: &str) -> Result<Vec<EventFrame>, DeliveryError> {
+        self.submit(job, owner).await?.wait().await
+    }
+
+    /// Queues a job for the writer without waiting for its commit. Jobs are written in
+    /// the order they are submitted, so a producer may keep several in flight (a run
+    /// streaming events) and they still commit, and publish, in order.
+    pub async fn submit(&self, job: WriteJob, owner: &str) -> Result<InFlight, DeliveryError> {
         let (reply, rx) = oneshot::channel();
         let pending = Pending { job, owner: owner.to_string(), queued_at: Instant::now(), reply };
         self.writer.send(pending).await.map_err(|_| DeliveryError::Stopped)?;
-        rx.await.map_err(|_| DeliveryError::Stopped)?
+        Ok(InFlight(rx))
     }
 
     /// Replays the thread's stored events after `after_seq` to `conn`, then hands it over

@@ -303,8 +303,8 @@ async fn reply_error(conn: &Connection, error: ProtocolError) {
 
 /// Checks that `thread_id` is a live thread of the connection's user.
 async fn owned(app: &App, conn: &Connection, thread_id: &str) -> Result<(), ProtocolError> {
-    match app.store.thread(thread_id).await {
-        Ok(t) if t.owner_id == conn.user_id => Ok(()),
+    match app.store.thread_owner(thread_id).await {
+        Ok(owner) if owner == conn.user_id => Ok(()),
         Ok(_) | Err(StoreError::NotFound) => Err(ProtocolError::new(ErrorCode::Forbidden, "thread not found")),
         Err(e) => {
             tracing::warn!(error = %e, "thread lookup failed");

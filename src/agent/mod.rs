@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 pub use builtin::Builtin;
 pub use openai::{ClientError, OpenAi, UpstreamError};
 
-use crate::delivery::{Delivery, DeliveryError};
+use crate::delivery::{Delivery, DeliveryError, InFlight};
 use crate::protocol::{EventType, now_rfc3339};
 use crate::store::{Message, NewEvent, Row, Store, StoreError, WriteJob};
 use crate::telemetry::metric;
@@ -115,17 +115,51 @@ pub struct RunContext {
     /// The thread's messages, oldest first, ending with this run's user message.
     pub history: Vec<Message>,
     delivery: Delivery,
+    /// Emitted events whose commit has not been confirmed yet.
+    in_flight: std::sync::Mutex<Vec<InFlight>>,
 }
 
 impl RunContext {
-    /// Persists and publishes one event of this run.
+    /// Persists and publishes one event of this run. The write is pipelined: the run does
+    /// not wait for each commit (the writer keeps submission order, so events still
+    /// commit and publish in order), but the first failed write fails the next emit.
     pub async fn emit(&self, kind: EventType, payload: Value) -> Result<(), DeliveryError> {
+        self.check_written()?;
         let job = WriteJob {
             thread_id: self.thread_id.clone(),
             rows: Vec::new(),
             events: vec![run_event(kind, &self.run_id, &payload)],
         };
-        self.delivery.commit(job, &self.owner).await.map(|_| ())
+        let in_flight = self.delivery.submit(job, &self.owner).await?;
+        self.in_flight().push(in_flight);
+        Ok(())
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<InFlight>> {
+        self.in_flight.lock().expect("in-flight lock is never held across a panic")
+    }
+
+    /// Drops commits that succeeded; returns the first failure.
+    fn check_written(&self) -> Result<(), DeliveryError> {
+        let mut failure = None;
+        self.in_flight().retain_mut(|w| match w.try_outcome() {
+            None => true,
+            Some(Ok(())) => false,
+            Some(Err(e)) => {
+                failure.get_or_insert(e);
+                false
+            }
+        });
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Waits until every event emitted so far is committed.
+    async fn settle(&self) -> Result<(), DeliveryError> {
+        let pending = std::mem::take(&mut *self.in_flight());
+        for w in pending {
+            w.wait().await?;
+        }
+        Ok(())
     }
 }
 
@@ -231,8 +265,8 @@ impl Supervisor {
     pub async fn close_interrupted_runs(&self) -> Result<usize, StartError> {
         let interrupted = self.inner.store.interrupted_runs(&self.inner.node_id).await.map_err(StartError::Store)?;
         for run in &interrupted {
-            let owner = match self.inner.store.thread(&run.thread_id).await {
-                Ok(t) => t.owner_id,
+            let owner = match self.inner.store.thread_owner(&run.thread_id).await {
+                Ok(owner) => owner,
                 Err(StoreError::NotFound) => continue,
                 Err(e) => return Err(StartError::Store(e)),
             };
@@ -261,8 +295,8 @@ impl Supervisor {
         let cancel = CancellationToken::new();
         let (thread_id, create) = match thread_id {
             Some(id) => {
-                match self.inner.store.thread(id).await {
-                    Ok(t) if t.owner_id == user_id => {}
+                match self.inner.store.thread_owner(id).await {
+                    Ok(owner) if owner == user_id => {}
                     Ok(_) | Err(StoreError::NotFound) => return Err(StartError::Forbidden),
                     Err(e) => return Err(StartError::Store(e)),
                 }
@@ -333,6 +367,7 @@ impl Supervisor {
             text: text.to_string(),
             history: Vec::new(),
             delivery: self.inner.delivery.clone(),
+            in_flight: Default::default(),
         };
         self.inner.tracker.spawn(async move { this.execute(ctx, cancel).await });
         Ok(started)
@@ -350,7 +385,11 @@ impl Supervisor {
             biased;
             _ = cancel.cancelled() => Ending::Cancelled,
             r = tokio::time::timeout(self.inner.deadline, work) => match r {
-                Ok(Ok(answer)) => Ending::Completed(answer),
+                // A completed answer counts only once every event before it is stored.
+                Ok(Ok(answer)) => match ctx.settle().await {
+                    Ok(()) => Ending::Completed(answer),
+                    Err(e) => Ending::Failed(e.into()),
+                },
                 Ok(Err(failure)) => Ending::Failed(failure),
                 Err(_) => Ending::TimedOut,
             },

@@ -280,6 +280,16 @@ impl Store {
         thread_from_row(&row)
     }
 
+    /// The owner of a live thread: the cheap check every send and subscribe makes.
+    #[instrument(skip_all, fields(thread_id))]
+    pub async fn thread_owner(&self, thread_id: &str) -> Result<String> {
+        sqlx::query_scalar("SELECT owner_id FROM threads WHERE id = $1 AND deleted_at IS NULL")
+            .bind(thread_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
     /// The owner's live threads, most recently updated first.
     #[instrument(skip_all, fields(owner_id))]
     pub async fn threads_of(&self, owner_id: &str, limit: i64, offset: i64) -> Result<Vec<Thread>> {
