@@ -284,7 +284,8 @@ fn components(
                     main: part(&p.provider, "llm_provider"),
                     probe: Some((
                         selftest::USER.to_string(),
-                        Provider::Builtin(Builtin { token_delay: c.agent_token_delay }),
+                        // Pacing words for people to watch proves nothing here.
+                        Provider::Builtin(Builtin { token_delay: Duration::ZERO }),
                     )),
                 };
                 let supervisor = Supervisor::new(

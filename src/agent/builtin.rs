@@ -120,8 +120,10 @@ impl Builtin {
             let words: Vec<&str> = answer.split(' ').collect();
             for (i, word) in words.iter().enumerate() {
                 let chunk = if i + 1 < words.len() { format!("{word} ") } else { (*word).to_string() };
+                if i > 0 {
+                    tokio::time::sleep(self.token_delay).await;
+                }
                 ctx.emit(EventType::PartialResult, json!({"content": chunk, "is_complete": false})).await?;
-                tokio::time::sleep(self.token_delay).await;
             }
         }
         Ok(Answer { text: answer, tools: tools_used.iter().map(|t| t.name().to_string()).collect(), usage: None })

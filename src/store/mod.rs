@@ -4,6 +4,7 @@
 //! nothing behind. Sequence numbers are handed out inside the writing transaction from
 //! the thread row, so they stay dense and unique under concurrent writers on any node.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -454,13 +455,51 @@ impl Store {
     }
 
     /// Writes every job in one transaction and returns each job's events with their
-    /// `seq`. All or nothing: on error no job's rows exist.
+    /// `seq`. All or nothing: on error no job's rows exist. The statements per batch do
+    /// not grow with its size: one update hands out the sequence numbers of every thread
+    /// in the batch, one multi-row insert stores the events.
     #[instrument(skip_all, fields(jobs = jobs.len()))]
     pub async fn write_batch(&self, jobs: &[WriteJob]) -> Result<Vec<Vec<EventFrame>>> {
+        let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let mut written = Vec::with_capacity(jobs.len());
         for job in jobs {
-            written.push(write_job(&mut tx, job).await?);
+            for row in &job.rows {
+                if let Row::CreateThread { owner_id, title } = row {
+                    sqlx::query(
+                        "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
+                         VALUES ($1, $2, $3, '{}', $4, $4, 0)",
+                    )
+                    .bind(&job.thread_id)
+                    .bind(owner_id)
+                    .bind(title)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        let firsts = allocate_seqs(&mut tx, jobs, now).await?;
+        let mut written: Vec<Vec<EventFrame>> = Vec::with_capacity(jobs.len());
+        for (job, first) in jobs.iter().zip(&firsts) {
+            let frames = job
+                .events
+                .iter()
+                .enumerate()
+                .map(|(i, event)| EventFrame {
+                    kind: event.kind.as_str().to_string(),
+                    thread_id: job.thread_id.clone(),
+                    run_id: event.run_id.clone(),
+                    seq: (first + i as i64) as u64,
+                    agent_name: event.agent_name.clone(),
+                    timestamp: event.timestamp.clone(),
+                    payload: event.payload.clone(),
+                })
+                .collect();
+            written.push(frames);
+        }
+        insert_events(&mut tx, written.iter().flatten()).await?;
+        for (job, first) in jobs.iter().zip(&firsts) {
+            write_rows(&mut tx, job, *first, now).await?;
         }
         tx.commit().await?;
         Ok(written)
@@ -489,61 +528,104 @@ impl Store {
     }
 }
 
-async fn write_job(tx: &mut Transaction<'static, Any>, job: &WriteJob) -> Result<Vec<EventFrame>> {
-    let now = now_ms();
-    for row in &job.rows {
-        if let Row::CreateThread { owner_id, title } = row {
-            sqlx::query(
-                "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
-                 VALUES ($1, $2, $3, '{}', $4, $4, 0)",
-            )
-            .bind(&job.thread_id)
-            .bind(owner_id)
-            .bind(title)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
+/// Hands out the next sequence numbers of every thread in the batch with one statement
+/// and returns the first `seq` of each job. The row locks it takes serialize every
+/// writer of those threads, on every node, until commit: that is what keeps seq dense
+/// and unique. A thread that is missing or deleted fails the batch (`NotFound`).
+async fn allocate_seqs(tx: &mut Transaction<'static, Any>, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
+    let mut totals: Vec<(&str, i64)> = Vec::new();
+    for job in jobs.iter().filter(|j| !j.events.is_empty()) {
+        match totals.iter_mut().find(|(t, _)| *t == job.thread_id) {
+            Some((_, n)) => *n += job.events.len() as i64,
+            None => totals.push((&job.thread_id, job.events.len() as i64)),
         }
     }
-    let count = i64::try_from(job.events.len()).map_err(|_| StoreError::Corrupt("too many events".into()))?;
-    // The row lock taken here serializes every writer of this thread, on every node,
-    // until commit: that is what makes seq gapless and unique.
-    let last: i64 = sqlx::query_scalar(
-        "UPDATE threads SET last_seq = last_seq + $2, updated_at = $3 WHERE id = $1 AND deleted_at IS NULL RETURNING last_seq",
-    )
-    .bind(&job.thread_id)
-    .bind(count)
-    .bind(now)
-    .fetch_optional(&mut **tx)
-    .await?
-    .ok_or(StoreError::NotFound)?;
-    let first = last - count + 1;
-    let mut frames = Vec::with_capacity(job.events.len());
-    for (i, event) in job.events.iter().enumerate() {
-        let seq = first + i as i64;
-        sqlx::query(
-            "INSERT INTO events (thread_id, seq, run_id, type, agent_name, payload, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&job.thread_id)
-        .bind(seq)
-        .bind(event.run_id.as_deref())
-        .bind(event.kind.as_str())
-        .bind(event.agent_name.as_deref())
-        .bind(event.payload.get())
-        .bind(&event.timestamp)
-        .execute(&mut **tx)
-        .await?;
-        frames.push(EventFrame {
-            kind: event.kind.as_str().to_string(),
-            thread_id: job.thread_id.clone(),
-            run_id: event.run_id.clone(),
-            seq: seq as u64,
-            agent_name: event.agent_name.clone(),
-            timestamp: event.timestamp.clone(),
-            payload: event.payload.clone(),
-        });
+    let mut next: HashMap<&str, i64> = HashMap::with_capacity(totals.len());
+    if !totals.is_empty() {
+        let mut sql = String::from("UPDATE threads SET last_seq = last_seq + CASE id");
+        for i in 0..totals.len() {
+            sql.push_str(&format!(" WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2));
+        }
+        let ids: Vec<String> = (0..totals.len()).map(|i| format!("${}", 2 * i + 1)).collect();
+        sql.push_str(&format!(
+            " END, updated_at = ${} WHERE deleted_at IS NULL AND id IN ({}) RETURNING id, last_seq",
+            2 * totals.len() + 1,
+            ids.join(", ")
+        ));
+        let mut query = sqlx::query(&sql);
+        for (thread, n) in &totals {
+            query = query.bind(*thread).bind(*n);
+        }
+        let rows = query.bind(now).fetch_all(&mut **tx).await?;
+        for row in &rows {
+            let id: String = row.try_get("id")?;
+            let last: i64 = row.try_get("last_seq")?;
+            if let Some((thread, n)) = totals.iter().find(|(t, _)| *t == id) {
+                next.insert(thread, last - n + 1);
+            }
+        }
+        if next.len() != totals.len() {
+            return Err(StoreError::NotFound);
+        }
     }
+    Ok(jobs
+        .iter()
+        .map(|job| match next.get_mut(job.thread_id.as_str()) {
+            Some(seq) => {
+                let first = *seq;
+                *seq += job.events.len() as i64;
+                first
+            }
+            None => 0,
+        })
+        .collect())
+}
+
+/// Rows per insert statement: 7 parameters each stays far below every backend's limit.
+const EVENT_ROWS_PER_INSERT: usize = 200;
+
+async fn insert_events<'a>(
+    tx: &mut Transaction<'static, Any>,
+    frames: impl Iterator<Item = &'a EventFrame>,
+) -> Result<()> {
+    let frames: Vec<&EventFrame> = frames.collect();
+    for chunk in frames.chunks(EVENT_ROWS_PER_INSERT) {
+        let mut sql =
+            String::from("INSERT INTO events (thread_id, seq, run_id, type, agent_name, payload, created_at) VALUES ");
+        for i in 0..chunk.len() {
+            let b = i * 7;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7
+            ));
+        }
+        let mut query = sqlx::query(&sql);
+        for f in chunk {
+            query = query
+                .bind(f.thread_id.as_str())
+                .bind(f.seq as i64)
+                .bind(f.run_id.as_deref())
+                .bind(f.kind.as_str())
+                .bind(f.agent_name.as_deref())
+                .bind(f.payload.get())
+                .bind(f.timestamp.as_str());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// The job's message and run rows; `first` is the `seq` of its first event.
+async fn write_rows(tx: &mut Transaction<'static, Any>, job: &WriteJob, first: i64, now: i64) -> Result<()> {
     for row in &job.rows {
         match row {
             Row::CreateThread { .. } => {}
@@ -592,7 +674,7 @@ async fn write_job(tx: &mut Transaction<'static, Any>, job: &WriteJob) -> Result
             }
         }
     }
-    Ok(frames)
+    Ok(())
 }
 
 const THREAD_SELECT: &str = "SELECT t.id, t.owner_id, t.title, t.metadata, t.created_at, t.updated_at, t.last_seq, \
