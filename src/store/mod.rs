@@ -5,6 +5,7 @@
 //! the thread row, so they stay dense and unique under concurrent writers on any node.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -62,6 +63,40 @@ enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    owners: Arc<OwnerCache>,
+}
+
+/// Thread owners seen by this node. An owner never changes, so a hit is always right
+/// about ownership; a thread deleted on another node may still be listed here, which is
+/// harmless because every write re-checks `deleted_at` in its transaction.
+#[derive(Default)]
+struct OwnerCache {
+    map: Mutex<HashMap<String, String>>,
+}
+
+/// Past this many entries the cache starts over rather than grow without bound.
+const OWNER_CACHE_MAX: usize = 100_000;
+
+impl OwnerCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.map.lock().expect("owner cache lock is never held across a panic")
+    }
+
+    fn get(&self, thread_id: &str) -> Option<String> {
+        self.lock().get(thread_id).cloned()
+    }
+
+    fn insert(&self, thread_id: &str, owner: &str) {
+        let mut map = self.lock();
+        if map.len() >= OWNER_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(thread_id.to_string(), owner.to_string());
+    }
+
+    fn remove(&self, thread_id: &str) {
+        self.lock().remove(thread_id);
+    }
 }
 
 /// A thread as the REST API shows it.
@@ -199,7 +234,7 @@ impl Store {
                 Err(e) => return Err(StoreError::Unavailable(e)),
             }
         };
-        let store = Self { pool, backend };
+        let store = Self { pool, backend, owners: Arc::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -284,11 +319,16 @@ impl Store {
     /// The owner of a live thread: the cheap check every send and subscribe makes.
     #[instrument(skip_all, fields(thread_id))]
     pub async fn thread_owner(&self, thread_id: &str) -> Result<String> {
-        sqlx::query_scalar("SELECT owner_id FROM threads WHERE id = $1 AND deleted_at IS NULL")
+        if let Some(owner) = self.owners.get(thread_id) {
+            return Ok(owner);
+        }
+        let owner: String = sqlx::query_scalar("SELECT owner_id FROM threads WHERE id = $1 AND deleted_at IS NULL")
             .bind(thread_id)
             .fetch_optional(&self.pool)
             .await?
-            .ok_or(StoreError::NotFound)
+            .ok_or(StoreError::NotFound)?;
+        self.owners.insert(thread_id, &owner);
+        Ok(owner)
     }
 
     /// The owner's live threads, most recently updated first.
@@ -366,6 +406,7 @@ impl Store {
     /// Soft delete: the thread and its events are no longer served.
     #[instrument(skip_all, fields(thread_id))]
     pub async fn delete_thread(&self, thread_id: &str) -> Result<()> {
+        self.owners.remove(thread_id);
         let done = sqlx::query("UPDATE threads SET deleted_at = $2 WHERE id = $1 AND deleted_at IS NULL")
             .bind(thread_id)
             .bind(now_ms())
@@ -380,6 +421,7 @@ impl Store {
     /// Removes a thread and everything in it for good (the startup self-test's cleanup).
     #[instrument(skip_all, fields(thread_id))]
     pub async fn purge_thread(&self, thread_id: &str) -> Result<()> {
+        self.owners.remove(thread_id);
         let mut tx = self.pool.begin().await?;
         for table in ["events", "messages", "runs"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE thread_id = $1")).bind(thread_id).execute(&mut *tx).await?;
@@ -478,7 +520,7 @@ impl Store {
                 }
             }
         }
-        let firsts = allocate_seqs(&mut tx, jobs, now).await?;
+        let firsts = allocate_seqs(&mut tx, self.backend, jobs, now).await?;
         let mut written: Vec<Vec<EventFrame>> = Vec::with_capacity(jobs.len());
         for (job, first) in jobs.iter().zip(&firsts) {
             let frames = job
@@ -497,11 +539,16 @@ impl Store {
                 .collect();
             written.push(frames);
         }
-        insert_events(&mut tx, written.iter().flatten()).await?;
-        for (job, first) in jobs.iter().zip(&firsts) {
-            write_rows(&mut tx, job, *first, now).await?;
-        }
+        insert_events(&mut tx, self.backend, written.iter().flatten()).await?;
+        write_rows(&mut tx, self.backend, jobs, &firsts, now).await?;
         tx.commit().await?;
+        for job in jobs {
+            for row in &job.rows {
+                if let Row::CreateThread { owner_id, .. } = row {
+                    self.owners.insert(&job.thread_id, owner_id);
+                }
+            }
+        }
         Ok(written)
     }
 
@@ -528,11 +575,28 @@ impl Store {
     }
 }
 
+impl Backend {
+    /// The `i`-th (1-based) bind placeholder. SQLite gets plain `?`, bound by position:
+    /// sqlx resolves every `$N` on SQLite by scanning the statement's parameter names,
+    /// which is quadratic in a statement with hundreds of parameters.
+    fn placeholder(self, i: usize) -> String {
+        match self {
+            Self::Sqlite => "?".to_string(),
+            Self::Postgres => format!("${i}"),
+        }
+    }
+}
+
 /// Hands out the next sequence numbers of every thread in the batch with one statement
 /// and returns the first `seq` of each job. The row locks it takes serialize every
 /// writer of those threads, on every node, until commit: that is what keeps seq dense
 /// and unique. A thread that is missing or deleted fails the batch (`NotFound`).
-async fn allocate_seqs(tx: &mut Transaction<'static, Any>, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
+async fn allocate_seqs(
+    tx: &mut Transaction<'static, Any>,
+    backend: Backend,
+    jobs: &[WriteJob],
+    now: i64,
+) -> Result<Vec<i64>> {
     let mut totals: Vec<(&str, i64)> = Vec::new();
     for job in jobs.iter().filter(|j| !j.events.is_empty()) {
         match totals.iter_mut().find(|(t, _)| *t == job.thread_id) {
@@ -542,21 +606,32 @@ async fn allocate_seqs(tx: &mut Transaction<'static, Any>, jobs: &[WriteJob], no
     }
     let mut next: HashMap<&str, i64> = HashMap::with_capacity(totals.len());
     if !totals.is_empty() {
+        // Placeholders are numbered in order of appearance and bound in that order.
+        let mut n = 0;
+        let mut next_ph = || {
+            n += 1;
+            backend.placeholder(n)
+        };
         let mut sql = String::from("UPDATE threads SET last_seq = last_seq + CASE id");
-        for i in 0..totals.len() {
-            sql.push_str(&format!(" WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2));
+        for _ in &totals {
+            let (a, b) = (next_ph(), next_ph());
+            sql.push_str(&format!(" WHEN {a} THEN {b}"));
         }
-        let ids: Vec<String> = (0..totals.len()).map(|i| format!("${}", 2 * i + 1)).collect();
+        let now_ph = next_ph();
+        let ids: Vec<String> = totals.iter().map(|_| next_ph()).collect();
         sql.push_str(&format!(
-            " END, updated_at = ${} WHERE deleted_at IS NULL AND id IN ({}) RETURNING id, last_seq",
-            2 * totals.len() + 1,
+            " END, updated_at = {now_ph} WHERE deleted_at IS NULL AND id IN ({}) RETURNING id, last_seq",
             ids.join(", ")
         ));
         let mut query = sqlx::query(&sql);
         for (thread, n) in &totals {
             query = query.bind(*thread).bind(*n);
         }
-        let rows = query.bind(now).fetch_all(&mut **tx).await?;
+        query = query.bind(now);
+        for (thread, _) in &totals {
+            query = query.bind(*thread);
+        }
+        let rows = query.fetch_all(&mut **tx).await?;
         for row in &rows {
             let id: String = row.try_get("id")?;
             let last: i64 = row.try_get("last_seq")?;
@@ -586,28 +661,16 @@ const EVENT_ROWS_PER_INSERT: usize = 200;
 
 async fn insert_events<'a>(
     tx: &mut Transaction<'static, Any>,
+    backend: Backend,
     frames: impl Iterator<Item = &'a EventFrame>,
 ) -> Result<()> {
     let frames: Vec<&EventFrame> = frames.collect();
     for chunk in frames.chunks(EVENT_ROWS_PER_INSERT) {
         let mut sql =
             String::from("INSERT INTO events (thread_id, seq, run_id, type, agent_name, payload, created_at) VALUES ");
-        for i in 0..chunk.len() {
-            let b = i * 7;
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7
-            ));
-        }
+        let mut ph = Placeholders::new(backend);
+        let rows: Vec<String> = chunk.iter().map(|_| ph.row(7)).collect();
+        sql.push_str(&rows.join(", "));
         let mut query = sqlx::query(&sql);
         for f in chunk {
             query = query
@@ -625,53 +688,118 @@ async fn insert_events<'a>(
 }
 
 /// The job's message and run rows; `first` is the `seq` of its first event.
-async fn write_rows(tx: &mut Transaction<'static, Any>, job: &WriteJob, first: i64, now: i64) -> Result<()> {
-    for row in &job.rows {
-        match row {
-            Row::CreateThread { .. } => {}
-            Row::Message { id, role, content, run_id, event_index } => {
-                let seq = first + *event_index as i64;
-                sqlx::query(
-                    "INSERT INTO messages (id, thread_id, seq, role, content, run_id, metadata, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, '{}', $7)",
-                )
-                .bind(id)
-                .bind(&job.thread_id)
-                .bind(seq)
-                .bind(*role)
-                .bind(content)
-                .bind(run_id.as_deref())
-                .bind(now)
-                .execute(&mut **tx)
-                .await?;
+/// Numbered placeholders in order of appearance, whatever the backend's syntax.
+struct Placeholders {
+    backend: Backend,
+    n: usize,
+}
+
+impl Placeholders {
+    fn new(backend: Backend) -> Self {
+        Self { backend, n: 0 }
+    }
+
+    /// `(p, p, …)` for one row of `cols` bound values.
+    fn row(&mut self, cols: usize) -> String {
+        format!("({})", self.items(cols).join(", "))
+    }
+
+    /// A row of `cols` bound values followed by a literal SQL value.
+    fn row_then(&mut self, cols: usize, literal: &str) -> String {
+        format!("({}, {literal})", self.items(cols).join(", "))
+    }
+
+    fn items(&mut self, cols: usize) -> Vec<String> {
+        (0..cols)
+            .map(|_| {
+                self.n += 1;
+                self.backend.placeholder(self.n)
+            })
+            .collect()
+    }
+}
+
+/// Rows per multi-row insert of messages or runs.
+const ROWS_PER_INSERT: usize = 200;
+
+/// The batch's message and run rows, as few statements as the batch allows. Inserts come
+/// before run endings, so a run that starts and ends within one batch is recorded right.
+async fn write_rows(
+    tx: &mut Transaction<'static, Any>,
+    backend: Backend,
+    jobs: &[WriteJob],
+    firsts: &[i64],
+    now: i64,
+) -> Result<()> {
+    let mut messages = Vec::new();
+    let mut starts = Vec::new();
+    let mut ends = Vec::new();
+    for (job, first) in jobs.iter().zip(firsts) {
+        for row in &job.rows {
+            match row {
+                Row::CreateThread { .. } => {}
+                Row::Message { event_index, .. } => messages.push((job, first + *event_index as i64, row)),
+                Row::StartRun { .. } => starts.push((job, row)),
+                Row::EndRun { .. } => ends.push(row),
             }
-            Row::StartRun { run_id, user_id, node_id } => {
-                sqlx::query(
-                    "INSERT INTO runs (id, thread_id, user_id, node_id, status, started_at) \
-                     VALUES ($1, $2, $3, $4, 'running', $5)",
-                )
-                .bind(run_id)
-                .bind(&job.thread_id)
-                .bind(user_id)
-                .bind(node_id)
-                .bind(now)
-                .execute(&mut **tx)
-                .await?;
+        }
+    }
+    for chunk in messages.chunks(ROWS_PER_INSERT) {
+        let mut ph = Placeholders::new(backend);
+        let rows: Vec<String> = chunk.iter().map(|_| ph.row(7)).collect();
+        let sql = format!(
+            "INSERT INTO messages (id, thread_id, seq, role, content, run_id, created_at) VALUES {}",
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (job, seq, row) in chunk {
+            if let Row::Message { id, role, content, run_id, .. } = row {
+                query = query
+                    .bind(id.as_str())
+                    .bind(job.thread_id.as_str())
+                    .bind(*seq)
+                    .bind(*role)
+                    .bind(content.as_str())
+                    .bind(run_id.as_deref())
+                    .bind(now);
             }
-            Row::EndRun { run_id, status, error, prompt_tokens, completion_tokens } => {
-                sqlx::query(
-                    "UPDATE runs SET status = $2, ended_at = $3, error = $4, prompt_tokens = $5, \
-                     completion_tokens = $6 WHERE id = $1",
-                )
-                .bind(run_id)
-                .bind(*status)
-                .bind(now)
-                .bind(error.as_deref())
-                .bind(*prompt_tokens)
-                .bind(*completion_tokens)
-                .execute(&mut **tx)
-                .await?;
+        }
+        query.execute(&mut **tx).await?;
+    }
+    for chunk in starts.chunks(ROWS_PER_INSERT) {
+        let mut ph = Placeholders::new(backend);
+        let rows: Vec<String> = chunk.iter().map(|_| ph.row_then(5, "'running'")).collect();
+        let sql = format!(
+            "INSERT INTO runs (id, thread_id, user_id, node_id, started_at, status) VALUES {}",
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (job, row) in chunk {
+            if let Row::StartRun { run_id, user_id, node_id } = row {
+                query = query
+                    .bind(run_id.as_str())
+                    .bind(job.thread_id.as_str())
+                    .bind(user_id.as_str())
+                    .bind(node_id.as_str())
+                    .bind(now);
             }
+        }
+        query.execute(&mut **tx).await?;
+    }
+    for row in ends {
+        if let Row::EndRun { run_id, status, error, prompt_tokens, completion_tokens } = row {
+            sqlx::query(
+                "UPDATE runs SET status = $2, ended_at = $3, error = $4, prompt_tokens = $5, \
+                 completion_tokens = $6 WHERE id = $1",
+            )
+            .bind(run_id)
+            .bind(*status)
+            .bind(now)
+            .bind(error.as_deref())
+            .bind(*prompt_tokens)
+            .bind(*completion_tokens)
+            .execute(&mut **tx)
+            .await?;
         }
     }
     Ok(())
