@@ -215,6 +215,10 @@ impl Store {
                                 "PRAGMA synchronous = NORMAL",
                                 "PRAGMA busy_timeout = 5000",
                                 "PRAGMA foreign_keys = ON",
+                                // Every write by one pooled connection invalidates the
+                                // others' page caches; with the file mapped, re-reading a
+                                // page is a memory access instead of a pread syscall.
+                                "PRAGMA mmap_size = 268435456",
                             ] {
                                 sqlx::query(pragma).execute(&mut *conn).await?;
                             }
