@@ -59,17 +59,32 @@ def ratios(rows):
 
 
 def own(path):
-    lines = ["| scenario | backend | producers | events/s | commit p50 µs | commit p99 µs |", "|---|---|---|---|---|---|"]
+    persist = ["| backend | producers | events/s | commit p50 µs | commit p99 µs |", "|---|---|---|---|---|"]
+    other = ["| scenario | figure |", "|---|---|"]
     with open(path) as f:
         for line in f:
             line = line.strip()
             if not line.startswith("{"):
                 continue
             r = json.loads(line)
-            if r.get("scenario") == "persist":
-                lines.append(f"| persisted events | {r['backend']} | {r['producers']} | {r['events_per_s']:.0f} | "
-                             f"{r['commit_p50_us']} | {r['commit_p99_us']} |")
-    return "\n".join(lines)
+            scen, label = r.get("scenario"), r.get("label", "")
+            if scen == "persist":
+                persist.append(f"| {r['backend']} | {r['producers']} | {r['events_per_s']:.0f} | "
+                               f"{r['commit_p50_us']} | {r['commit_p99_us']} |")
+            elif scen == "ready":
+                ms = dig(r, ("exec_to_ready_ms", "median"))
+                other.append(f"| exec → ready median ms ({label}) | {ms} |")
+            elif scen == "connect":
+                other.append(f"| idle connections held ({label}) | {r.get('opened')} |")
+                other.append(f"| RSS per idle connection KiB ({label}) | {r.get('rss_kib_per_conn')} |")
+                kib = r.get("rss_kib_per_conn")
+                if isinstance(kib, (int, float)):
+                    other.append(f"| extrapolated RSS for 100k / 1M idle connections | "
+                                 f"{kib * 100_000 / 1048576:.1f} GiB / {kib * 1_000_000 / 1048576:.1f} GiB |")
+                other.append(f"| connect → first frame p99 ms ({label}) | {dig(r, ('connect_to_first_frame', 'p99'))} |")
+            elif scen == "first_token":
+                other.append(f"| provider first token → client partial_result, p50 / p99 µs | {r.get('p50_us')} / {r.get('p99_us')} |")
+    return "\n".join(persist) + "\n\n" + "\n".join(other)
 
 
 def main():

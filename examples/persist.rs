@@ -6,7 +6,8 @@
 //!     cargo run --release --example persist -- postgres://postgres@127.0.0.1:5432/test 1 10 100
 //!
 //! Env: EVENTS (total per run, default 20000), PAYLOAD (bytes of text per event, default 64),
-//! WINDOW (commits each producer keeps in flight, default 1: every event awaited; a run
+//! SQLITE_PATH (keep the SQLite database at this path instead of a temp dir: bench/run
+//! uses it to build a data dir holding 1M events), WINDOW (commits each producer keeps in flight, default 1: every event awaited; a run
 //! streaming its events pipelines them the way WINDOW > 1 does).
 
 use std::time::{Duration, Instant};
@@ -34,9 +35,14 @@ fn setting(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+#[allow(clippy::disallowed_methods)]
+fn sqlite_path(dir: &std::path::Path) -> std::path::PathBuf {
+    std::env::var("SQLITE_PATH").map(Into::into).unwrap_or_else(|_| dir.join("bench.db"))
+}
+
 async fn open(target: &str, dir: &std::path::Path) -> (Store, String) {
     if target == "sqlite" {
-        let url = DatabaseUrl::Sqlite(dir.join("bench.db"));
+        let url = DatabaseUrl::Sqlite(sqlite_path(dir));
         return (Store::connect(&url, Duration::from_secs(10)).await.expect("sqlite"), "sqlite".into());
     }
     use sqlx::Connection;
