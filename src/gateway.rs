@@ -82,7 +82,7 @@ pub(crate) async fn upgrade(
     let offered = offered_protocols(&headers);
     let token = extract_token(&headers, &offered, query.as_deref());
     let limit = shared.config.limits.max_frame_bytes;
-    let mut ws = ws.max_message_size(limit).max_frame_size(limit).read_buffer_size(4096).write_buffer_size(0);
+    let mut ws = ws.max_message_size(limit).max_frame_size(limit).read_buffer_size(4096);
     if offered.iter().any(|p| p == "jwt-auth") {
         ws = ws.protocols(["jwt-auth"]);
     }

@@ -3,6 +3,10 @@
 //! this module only. Multi-row writes are single transactions: a failed one leaves
 //! nothing behind. Sequence numbers are handed out inside the writing transaction from
 //! the thread row, so they stay dense and unique under concurrent writers on any node.
+//! On SQLite, [`Store::write_batch`] runs on a dedicated writer thread
+//! ([`sqlite_writer`]); everything else goes through the sqlx pool.
+
+mod sqlite_writer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,11 +15,14 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyPool, Row as _, Transaction};
+use sqlx::{Any, AnyPool, Row as _};
 use tracing::instrument;
 
 use crate::config::DatabaseUrl;
 use crate::protocol::{EventFrame, EventType};
+
+/// The driver's error behind a [`StoreError`].
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 /// What can go wrong in the store, by meaning.
 #[derive(Debug, thiserror::Error)]
@@ -23,9 +30,9 @@ pub enum StoreError {
     #[error("not found")]
     NotFound,
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] Cause),
     #[error("database rejected the operation: {0}")]
-    Rejected(#[source] sqlx::Error),
+    Rejected(#[source] Cause),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("migration {version} failed: {source}")]
@@ -41,8 +48,8 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_) => Self::Unavailable(e),
-            other => Self::Rejected(other),
+            | sqlx::Error::Protocol(_) => Self::Unavailable(Box::new(e)),
+            other => Self::Rejected(Box::new(other)),
         }
     }
 }
@@ -51,6 +58,19 @@ type Result<T> = std::result::Result<T, StoreError>;
 
 const MIGRATIONS: &[(i64, &str)] =
     &[(1, include_str!("migrations/0001_init.sql")), (2, include_str!("migrations/0002_run_usage.sql"))];
+
+/// Set on every SQLite connection, pooled or the writer's. WAL lets readers run beside
+/// the one writer; NORMAL syncs at checkpoints, so a power cut may lose the last commits
+/// but never corrupts, and a process kill loses nothing committed.
+const SQLITE_PRAGMAS: &[&str] = &[
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = NORMAL",
+    "PRAGMA busy_timeout = 5000",
+    "PRAGMA foreign_keys = ON",
+    // No mmap_size: a WAL reader that finds a new commit drops its page cache and unmaps
+    // the whole file, so with a writer committing all the time every read paid for a
+    // munmap, a TLB shootdown and fresh page faults (more than the preads it saved).
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
@@ -63,6 +83,8 @@ enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// On SQLite, the thread that runs [`Store::write_batch`].
+    writer: Option<sqlite_writer::Writer>,
     owners: Arc<OwnerCache>,
 }
 
@@ -191,7 +213,7 @@ impl Store {
         let (conn_str, backend, max) = match url {
             DatabaseUrl::Sqlite(path) => {
                 if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+                    std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(Box::new(e)))?;
                 }
                 (format!("sqlite://{}?mode=rwc", path.display()), Backend::Sqlite, 8)
             }
@@ -203,23 +225,14 @@ impl Store {
             let attempt = AnyPoolOptions::new()
                 .max_connections(max)
                 .min_connections(1)
+                // A ping before each use is a round trip to the connection's worker
+                // thread; a SQLite file handle cannot go stale the way a socket can.
+                .test_before_acquire(backend == Backend::Postgres)
                 .acquire_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100)))
                 .after_connect(move |conn, _| {
                     Box::pin(async move {
                         if backend == Backend::Sqlite {
-                            // WAL lets readers run beside the one writer; NORMAL syncs at
-                            // checkpoints, so a power cut may lose the last commits but never
-                            // corrupts, and a process kill loses nothing committed.
-                            for pragma in [
-                                "PRAGMA journal_mode = WAL",
-                                "PRAGMA synchronous = NORMAL",
-                                "PRAGMA busy_timeout = 5000",
-                                "PRAGMA foreign_keys = ON",
-                                // Every write by one pooled connection invalidates the
-                                // others' page caches; with the file mapped, re-reading a
-                                // page is a memory access instead of a pread syscall.
-                                "PRAGMA mmap_size = 268435456",
-                            ] {
+                            for pragma in SQLITE_PRAGMAS {
                                 sqlx::query(pragma).execute(&mut *conn).await?;
                             }
                         }
@@ -235,11 +248,14 @@ impl Store {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
-                Err(e) => return Err(StoreError::Unavailable(e)),
+                Err(e) => return Err(StoreError::Unavailable(Box::new(e))),
             }
         };
-        let store = Self { pool, backend, owners: Arc::default() };
+        let mut store = Self { pool, backend, writer: None, owners: Arc::default() };
         store.migrate().await?;
+        if let DatabaseUrl::Sqlite(path) = url {
+            store.writer = Some(sqlite_writer::Writer::start(path).await?);
+        }
         Ok(store)
     }
 
@@ -507,45 +523,10 @@ impl Store {
     #[instrument(skip_all, fields(jobs = jobs.len()))]
     pub async fn write_batch(&self, jobs: &[WriteJob]) -> Result<Vec<Vec<EventFrame>>> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
-        for job in jobs {
-            for row in &job.rows {
-                if let Row::CreateThread { owner_id, title } = row {
-                    sqlx::query(
-                        "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
-                         VALUES ($1, $2, $3, '{}', $4, $4, 0)",
-                    )
-                    .bind(&job.thread_id)
-                    .bind(owner_id)
-                    .bind(title)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
-        }
-        let firsts = allocate_seqs(&mut tx, self.backend, jobs, now).await?;
-        let mut written: Vec<Vec<EventFrame>> = Vec::with_capacity(jobs.len());
-        for (job, first) in jobs.iter().zip(&firsts) {
-            let frames = job
-                .events
-                .iter()
-                .enumerate()
-                .map(|(i, event)| EventFrame {
-                    kind: event.kind.as_str().to_string(),
-                    thread_id: job.thread_id.clone(),
-                    run_id: event.run_id.clone(),
-                    seq: (first + i as i64) as u64,
-                    agent_name: event.agent_name.clone(),
-                    timestamp: event.timestamp.clone(),
-                    payload: event.payload.clone(),
-                })
-                .collect();
-            written.push(frames);
-        }
-        insert_events(&mut tx, self.backend, written.iter().flatten()).await?;
-        write_rows(&mut tx, self.backend, jobs, &firsts, now).await?;
-        tx.commit().await?;
+        let firsts = match &self.writer {
+            Some(writer) => writer.write(jobs.to_vec(), now).await?,
+            None => self.write_pooled(jobs, now).await?,
+        };
         for job in jobs {
             for row in &job.rows {
                 if let Row::CreateThread { owner_id, .. } = row {
@@ -553,7 +534,28 @@ impl Store {
                 }
             }
         }
-        Ok(written)
+        Ok(frames(jobs, &firsts))
+    }
+
+    /// [`Store::write_batch`] through the pool (PostgreSQL); returns each job's first seq.
+    async fn write_pooled(&self, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
+        let batch = Batch::new(self.backend, jobs, now);
+        let mut tx = self.pool.begin().await?;
+        for statement in batch.creates() {
+            statement.sqlx().execute(&mut *tx).await?;
+        }
+        let mut handed_out = Vec::new();
+        if let Some(statement) = batch.allocate() {
+            for row in statement.sqlx().fetch_all(&mut *tx).await? {
+                handed_out.push((row.try_get("id")?, row.try_get("last_seq")?));
+            }
+        }
+        let firsts = batch.firsts(handed_out)?;
+        for statement in batch.rest(&firsts) {
+            statement.sqlx().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(firsts)
     }
 
     /// Marks this node's runs that were still running as `interrupted` and returns them,
@@ -580,9 +582,7 @@ impl Store {
 }
 
 impl Backend {
-    /// The `i`-th (1-based) bind placeholder. SQLite gets plain `?`, bound by position:
-    /// sqlx resolves every `$N` on SQLite by scanning the statement's parameter names,
-    /// which is quadratic in a statement with hundreds of parameters.
+    /// The `i`-th (1-based) bind placeholder. SQLite gets plain `?`, bound by position.
     fn placeholder(self, i: usize) -> String {
         match self {
             Self::Sqlite => "?".to_string(),
@@ -591,107 +591,264 @@ impl Backend {
     }
 }
 
-/// Hands out the next sequence numbers of every thread in the batch with one statement
-/// and returns the first `seq` of each job. The row locks it takes serialize every
-/// writer of those threads, on every node, until commit: that is what keeps seq dense
-/// and unique. A thread that is missing or deleted fails the batch (`NotFound`).
-async fn allocate_seqs(
-    tx: &mut Transaction<'static, Any>,
-    backend: Backend,
-    jobs: &[WriteJob],
-    now: i64,
-) -> Result<Vec<i64>> {
-    let mut totals: Vec<(&str, i64)> = Vec::new();
-    for job in jobs.iter().filter(|j| !j.events.is_empty()) {
-        match totals.iter_mut().find(|(t, _)| *t == job.thread_id) {
-            Some((_, n)) => *n += job.events.len() as i64,
-            None => totals.push((&job.thread_id, job.events.len() as i64)),
+/// A value bound to a statement of [`Store::write_batch`], whichever the driver.
+#[derive(Debug, Clone, Copy)]
+enum Param<'a> {
+    Text(&'a str),
+    MaybeText(Option<&'a str>),
+    Int(i64),
+    MaybeInt(Option<i64>),
+}
+
+/// A statement of [`Store::write_batch`]: its text in the backend's placeholder syntax
+/// and its values in placeholder order. Only binding and execution differ per driver.
+#[derive(Debug)]
+struct Statement<'a> {
+    sql: String,
+    params: Vec<Param<'a>>,
+}
+
+impl Statement<'_> {
+    fn sqlx(&self) -> sqlx::query::Query<'_, Any, sqlx::any::AnyArguments<'_>> {
+        let mut query = sqlx::query(&self.sql);
+        for param in &self.params {
+            query = match *param {
+                Param::Text(v) => query.bind(v),
+                Param::MaybeText(v) => query.bind(v),
+                Param::Int(v) => query.bind(v),
+                Param::MaybeInt(v) => query.bind(v),
+            };
         }
+        query
     }
-    let mut next: HashMap<&str, i64> = HashMap::with_capacity(totals.len());
-    if !totals.is_empty() {
-        // Placeholders are numbered in order of appearance and bound in that order.
-        let mut n = 0;
-        let mut next_ph = || {
-            n += 1;
-            backend.placeholder(n)
-        };
+}
+
+/// The statements of one [`Store::write_batch`], in the order they run: [`Batch::creates`],
+/// then [`Batch::allocate`], whose returned `(id, last_seq)` rows give [`Batch::firsts`],
+/// then [`Batch::rest`].
+struct Batch<'a> {
+    backend: Backend,
+    jobs: &'a [WriteJob],
+    now: i64,
+    /// Events per thread of the batch, in order of first appearance.
+    totals: Vec<(&'a str, i64)>,
+}
+
+/// Rows per multi-row insert: 7 parameters each stays far below every backend's limit.
+const ROWS_PER_INSERT: usize = 200;
+
+impl<'a> Batch<'a> {
+    fn new(backend: Backend, jobs: &'a [WriteJob], now: i64) -> Self {
+        let mut totals: Vec<(&str, i64)> = Vec::new();
+        for job in jobs.iter().filter(|j| !j.events.is_empty()) {
+            match totals.iter_mut().find(|(t, _)| *t == job.thread_id) {
+                Some((_, n)) => *n += job.events.len() as i64,
+                None => totals.push((&job.thread_id, job.events.len() as i64)),
+            }
+        }
+        Self { backend, jobs, now, totals }
+    }
+
+    /// One insert per thread the batch creates.
+    fn creates(&self) -> Vec<Statement<'a>> {
+        let mut statements = Vec::new();
+        for job in self.jobs {
+            for row in &job.rows {
+                if let Row::CreateThread { owner_id, title } = row {
+                    let mut ph = Placeholders::new(self.backend);
+                    statements.push(Statement {
+                        sql: format!(
+                            "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
+                             VALUES {}",
+                            ph.row_with(&[None, None, None, Some("'{}'"), None, None, Some("0")])
+                        ),
+                        params: vec![
+                            Param::Text(&job.thread_id),
+                            Param::Text(owner_id),
+                            Param::Text(title),
+                            Param::Int(self.now),
+                            Param::Int(self.now),
+                        ],
+                    });
+                }
+            }
+        }
+        statements
+    }
+
+    /// Hands out the next sequence numbers of every thread in the batch with one
+    /// statement returning `(id, last_seq)`; none when the batch has no events. The row
+    /// locks it takes serialize every writer of those threads, on every node, until
+    /// commit: that is what keeps seq dense and unique.
+    fn allocate(&self) -> Option<Statement<'a>> {
+        if self.totals.is_empty() {
+            return None;
+        }
+        let mut ph = Placeholders::new(self.backend);
         let mut sql = String::from("UPDATE threads SET last_seq = last_seq + CASE id");
-        for _ in &totals {
-            let (a, b) = (next_ph(), next_ph());
+        let mut params = Vec::with_capacity(self.totals.len() * 3 + 1);
+        for (thread, n) in &self.totals {
+            let (a, b) = (ph.next(), ph.next());
             sql.push_str(&format!(" WHEN {a} THEN {b}"));
+            params.extend([Param::Text(thread), Param::Int(*n)]);
         }
-        let now_ph = next_ph();
-        let ids: Vec<String> = totals.iter().map(|_| next_ph()).collect();
         sql.push_str(&format!(
-            " END, updated_at = {now_ph} WHERE deleted_at IS NULL AND id IN ({}) RETURNING id, last_seq",
-            ids.join(", ")
+            " END, updated_at = {} WHERE deleted_at IS NULL AND id IN {} RETURNING id, last_seq",
+            ph.next(),
+            ph.row(self.totals.len())
         ));
-        let mut query = sqlx::query(&sql);
-        for (thread, n) in &totals {
-            query = query.bind(*thread).bind(*n);
-        }
-        query = query.bind(now);
-        for (thread, _) in &totals {
-            query = query.bind(*thread);
-        }
-        let rows = query.fetch_all(&mut **tx).await?;
-        for row in &rows {
-            let id: String = row.try_get("id")?;
-            let last: i64 = row.try_get("last_seq")?;
-            if let Some((thread, n)) = totals.iter().find(|(t, _)| *t == id) {
+        params.push(Param::Int(self.now));
+        params.extend(self.totals.iter().map(|(thread, _)| Param::Text(thread)));
+        Some(Statement { sql, params })
+    }
+
+    /// The first `seq` of each job, from the `(id, last_seq)` rows [`Batch::allocate`]
+    /// returned. A thread that is missing or deleted fails the batch (`NotFound`).
+    fn firsts(&self, handed_out: Vec<(String, i64)>) -> Result<Vec<i64>> {
+        let mut next: HashMap<&str, i64> = HashMap::with_capacity(self.totals.len());
+        for (id, last) in &handed_out {
+            if let Some((thread, n)) = self.totals.iter().find(|(t, _)| t == id) {
                 next.insert(thread, last - n + 1);
             }
         }
-        if next.len() != totals.len() {
+        if next.len() != self.totals.len() {
             return Err(StoreError::NotFound);
         }
+        Ok(self
+            .jobs
+            .iter()
+            .map(|job| match next.get_mut(job.thread_id.as_str()) {
+                Some(seq) => {
+                    let first = *seq;
+                    *seq += job.events.len() as i64;
+                    first
+                }
+                None => 0,
+            })
+            .collect())
     }
-    Ok(jobs
-        .iter()
-        .map(|job| match next.get_mut(job.thread_id.as_str()) {
-            Some(seq) => {
-                let first = *seq;
-                *seq += job.events.len() as i64;
-                first
+
+    /// The events, then the message and run rows, as few statements as the batch allows;
+    /// `firsts` is the `seq` of each job's first event. Inserts come before run endings,
+    /// so a run that starts and ends within one batch is recorded right.
+    fn rest(&self, firsts: &[i64]) -> Vec<Statement<'a>> {
+        let mut events = Vec::new();
+        let mut messages = Vec::new();
+        let mut starts = Vec::new();
+        let mut ends = Vec::new();
+        for (job, first) in self.jobs.iter().zip(firsts) {
+            for (i, event) in job.events.iter().enumerate() {
+                events.extend([
+                    Param::Text(&job.thread_id),
+                    Param::Int(first + i as i64),
+                    Param::MaybeText(event.run_id.as_deref()),
+                    Param::Text(event.kind.as_str()),
+                    Param::MaybeText(event.agent_name.as_deref()),
+                    Param::Text(event.payload.get()),
+                    Param::Text(&event.timestamp),
+                ]);
             }
-            None => 0,
-        })
-        .collect())
-}
-
-/// Rows per insert statement: 7 parameters each stays far below every backend's limit.
-const EVENT_ROWS_PER_INSERT: usize = 200;
-
-async fn insert_events<'a>(
-    tx: &mut Transaction<'static, Any>,
-    backend: Backend,
-    frames: impl Iterator<Item = &'a EventFrame>,
-) -> Result<()> {
-    let frames: Vec<&EventFrame> = frames.collect();
-    for chunk in frames.chunks(EVENT_ROWS_PER_INSERT) {
-        let mut sql =
-            String::from("INSERT INTO events (thread_id, seq, run_id, type, agent_name, payload, created_at) VALUES ");
-        let mut ph = Placeholders::new(backend);
-        let rows: Vec<String> = chunk.iter().map(|_| ph.row(7)).collect();
-        sql.push_str(&rows.join(", "));
-        let mut query = sqlx::query(&sql);
-        for f in chunk {
-            query = query
-                .bind(f.thread_id.as_str())
-                .bind(f.seq as i64)
-                .bind(f.run_id.as_deref())
-                .bind(f.kind.as_str())
-                .bind(f.agent_name.as_deref())
-                .bind(f.payload.get())
-                .bind(f.timestamp.as_str());
+            for row in &job.rows {
+                match row {
+                    Row::CreateThread { .. } => {}
+                    Row::Message { id, role, content, run_id, event_index } => messages.extend([
+                        Param::Text(id),
+                        Param::Text(&job.thread_id),
+                        Param::Int(first + *event_index as i64),
+                        Param::Text(role),
+                        Param::Text(content),
+                        Param::MaybeText(run_id.as_deref()),
+                        Param::Int(self.now),
+                    ]),
+                    Row::StartRun { run_id, user_id, node_id } => starts.extend([
+                        Param::Text(run_id),
+                        Param::Text(&job.thread_id),
+                        Param::Text(user_id),
+                        Param::Text(node_id),
+                        Param::Int(self.now),
+                    ]),
+                    Row::EndRun { run_id, status, error, prompt_tokens, completion_tokens } => {
+                        let mut ph = Placeholders::new(self.backend);
+                        ends.push(Statement {
+                            sql: format!(
+                                "UPDATE runs SET status = {}, ended_at = {}, error = {}, prompt_tokens = {}, \
+                                 completion_tokens = {} WHERE id = {}",
+                                ph.next(),
+                                ph.next(),
+                                ph.next(),
+                                ph.next(),
+                                ph.next(),
+                                ph.next()
+                            ),
+                            params: vec![
+                                Param::Text(status),
+                                Param::Int(self.now),
+                                Param::MaybeText(error.as_deref()),
+                                Param::MaybeInt(*prompt_tokens),
+                                Param::MaybeInt(*completion_tokens),
+                                Param::Text(run_id),
+                            ],
+                        });
+                    }
+                }
+            }
         }
-        query.execute(&mut **tx).await?;
+        let mut statements = self.inserts(
+            "INSERT INTO events (thread_id, seq, run_id, type, agent_name, payload, created_at) VALUES",
+            &[None; 7],
+            events,
+        );
+        statements.extend(self.inserts(
+            "INSERT INTO messages (id, thread_id, seq, role, content, run_id, created_at) VALUES",
+            &[None; 7],
+            messages,
+        ));
+        statements.extend(self.inserts(
+            "INSERT INTO runs (id, thread_id, user_id, node_id, started_at, status) VALUES",
+            &[None, None, None, None, None, Some("'running'")],
+            starts,
+        ));
+        statements.extend(ends);
+        statements
     }
-    Ok(())
+
+    /// Multi-row inserts of `params`, [`ROWS_PER_INSERT`] rows per statement, each row
+    /// shaped like `columns` (see [`Placeholders::row_with`]).
+    fn inserts(&self, head: &str, columns: &[Option<&str>], params: Vec<Param<'a>>) -> Vec<Statement<'a>> {
+        let bound = columns.iter().filter(|c| c.is_none()).count();
+        params
+            .chunks(bound * ROWS_PER_INSERT)
+            .map(|chunk| {
+                let mut ph = Placeholders::new(self.backend);
+                let rows: Vec<String> = (0..chunk.len() / bound).map(|_| ph.row_with(columns)).collect();
+                Statement { sql: format!("{head} {}", rows.join(", ")), params: chunk.to_vec() }
+            })
+            .collect()
+    }
 }
 
-/// The job's message and run rows; `first` is the `seq` of its first event.
+/// Each job's events as frames, numbered from its first `seq`.
+fn frames(jobs: &[WriteJob], firsts: &[i64]) -> Vec<Vec<EventFrame>> {
+    jobs.iter()
+        .zip(firsts)
+        .map(|(job, first)| {
+            job.events
+                .iter()
+                .enumerate()
+                .map(|(i, event)| EventFrame {
+                    kind: event.kind.as_str().to_string(),
+                    thread_id: job.thread_id.clone(),
+                    run_id: event.run_id.clone(),
+                    seq: (first + i as i64) as u64,
+                    agent_name: event.agent_name.clone(),
+                    timestamp: event.timestamp.clone(),
+                    payload: event.payload.clone(),
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Numbered placeholders in order of appearance, whatever the backend's syntax.
 struct Placeholders {
     backend: Backend,
@@ -703,110 +860,27 @@ impl Placeholders {
         Self { backend, n: 0 }
     }
 
+    fn next(&mut self) -> String {
+        self.n += 1;
+        self.backend.placeholder(self.n)
+    }
+
     /// `(p, p, …)` for one row of `cols` bound values.
     fn row(&mut self, cols: usize) -> String {
-        format!("({})", self.items(cols).join(", "))
+        format!("({})", (0..cols).map(|_| self.next()).collect::<Vec<_>>().join(", "))
     }
 
-    /// A row of `cols` bound values followed by a literal SQL value.
-    fn row_then(&mut self, cols: usize, literal: &str) -> String {
-        format!("({}, {literal})", self.items(cols).join(", "))
-    }
-
-    fn items(&mut self, cols: usize) -> Vec<String> {
-        (0..cols)
-            .map(|_| {
-                self.n += 1;
-                self.backend.placeholder(self.n)
+    /// One row: a placeholder for each `None` column, the literal SQL of each `Some`.
+    fn row_with(&mut self, columns: &[Option<&str>]) -> String {
+        let items: Vec<String> = columns
+            .iter()
+            .map(|c| match c {
+                None => self.next(),
+                Some(literal) => (*literal).to_string(),
             })
-            .collect()
+            .collect();
+        format!("({})", items.join(", "))
     }
-}
-
-/// Rows per multi-row insert of messages or runs.
-const ROWS_PER_INSERT: usize = 200;
-
-/// The batch's message and run rows, as few statements as the batch allows. Inserts come
-/// before run endings, so a run that starts and ends within one batch is recorded right.
-async fn write_rows(
-    tx: &mut Transaction<'static, Any>,
-    backend: Backend,
-    jobs: &[WriteJob],
-    firsts: &[i64],
-    now: i64,
-) -> Result<()> {
-    let mut messages = Vec::new();
-    let mut starts = Vec::new();
-    let mut ends = Vec::new();
-    for (job, first) in jobs.iter().zip(firsts) {
-        for row in &job.rows {
-            match row {
-                Row::CreateThread { .. } => {}
-                Row::Message { event_index, .. } => messages.push((job, first + *event_index as i64, row)),
-                Row::StartRun { .. } => starts.push((job, row)),
-                Row::EndRun { .. } => ends.push(row),
-            }
-        }
-    }
-    for chunk in messages.chunks(ROWS_PER_INSERT) {
-        let mut ph = Placeholders::new(backend);
-        let rows: Vec<String> = chunk.iter().map(|_| ph.row(7)).collect();
-        let sql = format!(
-            "INSERT INTO messages (id, thread_id, seq, role, content, run_id, created_at) VALUES {}",
-            rows.join(", ")
-        );
-        let mut query = sqlx::query(&sql);
-        for (job, seq, row) in chunk {
-            if let Row::Message { id, role, content, run_id, .. } = row {
-                query = query
-                    .bind(id.as_str())
-                    .bind(job.thread_id.as_str())
-                    .bind(*seq)
-                    .bind(*role)
-                    .bind(content.as_str())
-                    .bind(run_id.as_deref())
-                    .bind(now);
-            }
-        }
-        query.execute(&mut **tx).await?;
-    }
-    for chunk in starts.chunks(ROWS_PER_INSERT) {
-        let mut ph = Placeholders::new(backend);
-        let rows: Vec<String> = chunk.iter().map(|_| ph.row_then(5, "'running'")).collect();
-        let sql = format!(
-            "INSERT INTO runs (id, thread_id, user_id, node_id, started_at, status) VALUES {}",
-            rows.join(", ")
-        );
-        let mut query = sqlx::query(&sql);
-        for (job, row) in chunk {
-            if let Row::StartRun { run_id, user_id, node_id } = row {
-                query = query
-                    .bind(run_id.as_str())
-                    .bind(job.thread_id.as_str())
-                    .bind(user_id.as_str())
-                    .bind(node_id.as_str())
-                    .bind(now);
-            }
-        }
-        query.execute(&mut **tx).await?;
-    }
-    for row in ends {
-        if let Row::EndRun { run_id, status, error, prompt_tokens, completion_tokens } = row {
-            sqlx::query(
-                "UPDATE runs SET status = $2, ended_at = $3, error = $4, prompt_tokens = $5, \
-                 completion_tokens = $6 WHERE id = $1",
-            )
-            .bind(run_id)
-            .bind(*status)
-            .bind(now)
-            .bind(error.as_deref())
-            .bind(*prompt_tokens)
-            .bind(*completion_tokens)
-            .execute(&mut **tx)
-            .await?;
-        }
-    }
-    Ok(())
 }
 
 const THREAD_SELECT: &str = "SELECT t.id, t.owner_id, t.title, t.metadata, t.created_at, t.updated_at, t.last_seq, \
