@@ -180,15 +180,15 @@ async fn write_loop(
                     }
                     sink.flush().await
                 };
-                tokio::select! {
-                    r = write => r,
-                    _ = conn.closing() => return,
+                match finish_unless_stuck(&conn, write).await {
+                    Some(r) => r,
+                    None => return,
                 }
             }
             _ = ping.tick() => {
-                tokio::select! {
-                    r = sink.send(Message::Ping(Bytes::new())) => r,
-                    _ = conn.closing() => return,
+                match finish_unless_stuck(&conn, sink.send(Message::Ping(Bytes::new()))).await {
+                    Some(r) => r,
+                    None => return,
                 }
             }
         };
@@ -207,7 +207,21 @@ async fn write_loop(
         let frame = CloseFrame { code: reason.code, reason: Utf8Bytes::from_static(reason.reason) };
         sink.send(Message::Close(Some(frame))).await
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), finish).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, finish).await;
+}
+
+/// How long a write may still take once a close is decided: a client that reads gets its
+/// last frames and the close frame; one that stopped reading is dropped after this.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs a socket write to completion, unless a close is decided while it is blocked and
+/// it then takes longer than [`CLOSE_GRACE`] (`None`: give up on the socket).
+async fn finish_unless_stuck<T>(conn: &Connection, write: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::pin!(write);
+    tokio::select! {
+        r = &mut write => Some(r),
+        _ = conn.closing() => tokio::time::timeout(CLOSE_GRACE, write).await.ok(),
+    }
 }
 
 /// A fixed-window counter of inbound data frames.

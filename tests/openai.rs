@@ -213,9 +213,12 @@ async fn closed_port() -> u16 {
 
 async fn stored_usage(server: &Server, run_id: &str) -> (String, Option<i64>, Option<i64>) {
     use sqlx::{Connection, Row};
-    let url = format!("sqlite://{}", server.data_dir.join("netra.db").display());
-    let mut db = sqlx::SqliteConnection::connect(&url).await.expect("open the server's database");
-    let row = sqlx::query("SELECT status, prompt_tokens, completion_tokens FROM runs WHERE id = ?")
+    // The suite's PostgreSQL pass records the server's database URL in its data dir.
+    let url = std::fs::read_to_string(server.data_dir.join("test-database-url"))
+        .unwrap_or_else(|_| format!("sqlite://{}", server.data_dir.join("netra.db").display()));
+    sqlx::any::install_default_drivers();
+    let mut db = sqlx::AnyConnection::connect(&url).await.expect("open the server's database");
+    let row = sqlx::query("SELECT status, prompt_tokens, completion_tokens FROM runs WHERE id = $1")
         .bind(run_id)
         .fetch_one(&mut db)
         .await
