@@ -131,9 +131,15 @@ async fn session(shared: Arc<Shared>, mut socket: WebSocket, token: Result<Strin
         return;
     }
     let span = tracing::info_span!("conn", conn_id = %conn_id, user_id = %user.id);
-    if let Err(e) = app.store.upsert_user(&user.id, user.email.as_deref(), user.name.as_deref()).await {
-        tracing::warn!(parent: &span, error = %e, "could not record the user");
-    }
+    // Recording the user is bookkeeping (no row refers to it), so it stays off the path to
+    // the first frame: a connection storm is not a storm of awaited writes.
+    let (store, record_span) = (app.store.clone(), span.clone());
+    let (id, email, name) = (user.id.clone(), user.email.clone(), user.name.clone());
+    app.tasks.spawn(async move {
+        if let Err(e) = store.upsert_user(&id, email.as_deref(), name.as_deref()).await {
+            tracing::warn!(parent: &record_span, error = %e, "could not record the user");
+        }
+    });
     let hello = protocol::connection_established(
         &conn_id,
         &user.id,
