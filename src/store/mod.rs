@@ -474,15 +474,13 @@ impl Store {
     /// The last `limit` messages of a thread, oldest first: the agent's context.
     #[instrument(skip_all, fields(thread_id))]
     pub async fn recent_messages(&self, thread_id: &str, limit: i64) -> Result<Vec<Message>> {
-        let rows = sqlx::query(
-            "SELECT id, role, content, created_at, metadata FROM messages WHERE thread_id = $1 \
-             ORDER BY seq DESC LIMIT $2",
-        )
-        .bind(thread_id)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut messages: Vec<Message> = rows.iter().map(message_from_row).collect::<Result<_>>()?;
+        let mut messages = match &self.writer {
+            Some(writer) => writer.recent(thread_id, limit).await?,
+            None => {
+                let rows = sqlx::query(RECENT_MESSAGES).bind(thread_id).bind(limit).fetch_all(&self.pool).await?;
+                rows.iter().map(message_from_row).collect::<Result<Vec<_>>>()?
+            }
+        };
         messages.reverse();
         Ok(messages)
     }
@@ -882,6 +880,13 @@ impl Placeholders {
         format!("({})", items.join(", "))
     }
 }
+
+/// A thread's last messages, newest first (the run's history).
+const RECENT_MESSAGES: &str =
+    "SELECT id, role, content, created_at, metadata FROM messages WHERE thread_id = $1 ORDER BY seq DESC LIMIT $2";
+/// The same for rusqlite, which numbers its parameters `?N`.
+const RECENT_MESSAGES_SQLITE: &str =
+    "SELECT id, role, content, created_at, metadata FROM messages WHERE thread_id = ?1 ORDER BY seq DESC LIMIT ?2";
 
 const THREAD_SELECT: &str = "SELECT t.id, t.owner_id, t.title, t.metadata, t.created_at, t.updated_at, t.last_seq, \
      (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id) AS message_count FROM threads t";

@@ -21,7 +21,7 @@ use rusqlite::types::ToSqlOutput;
 use rusqlite::{Connection, ErrorCode, ToSql, TransactionBehavior, params_from_iter};
 use tokio::sync::oneshot;
 
-use super::{Backend, Batch, Param, Result, SQLITE_PRAGMAS, StoreError, WriteJob};
+use super::{Backend, Batch, Message, Param, RECENT_MESSAGES_SQLITE, Result, SQLITE_PRAGMAS, StoreError, WriteJob};
 
 /// Prepared statements kept per shape: a batch's multi-row statements take a shape per
 /// row count, and re-preparing a large one costs more than the rest of the batch.
@@ -34,10 +34,19 @@ pub(super) struct Writer {
     requests: mpsc::Sender<Request>,
 }
 
-struct Request {
-    jobs: Vec<WriteJob>,
-    now: i64,
-    reply: oneshot::Sender<Result<Vec<i64>>>,
+enum Request {
+    Write {
+        jobs: Vec<WriteJob>,
+        now: i64,
+        reply: oneshot::Sender<Result<Vec<i64>>>,
+    },
+    /// The run's history: read here, on the connection that just wrote it, instead of
+    /// across sqlx's reader threads row by row on a page cache the writer invalidated.
+    Recent {
+        thread_id: String,
+        limit: i64,
+        reply: oneshot::Sender<Result<Vec<Message>>>,
+    },
 }
 
 impl Writer {
@@ -66,9 +75,21 @@ impl Writer {
     /// Writes the batch and returns the first `seq` of each job.
     pub(super) async fn write(&self, jobs: Vec<WriteJob>, now: i64) -> Result<Vec<i64>> {
         let (reply, answer) = oneshot::channel();
-        self.requests.send(Request { jobs, now, reply }).map_err(|_| stopped())?;
+        self.requests.send(Request::Write { jobs, now, reply }).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
+
+    /// The last `limit` messages of a thread, newest first.
+    pub(super) async fn recent(&self, thread_id: &str, limit: i64) -> Result<Vec<Message>> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Recent { thread_id: thread_id.to_string(), limit, reply };
+        self.requests.send(request).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+fn panicked() -> StoreError {
+    StoreError::Unavailable("the SQLite writer panicked".into())
 }
 
 fn stopped() -> StoreError {
@@ -90,11 +111,33 @@ fn open(path: &Path) -> Result<Connection> {
 /// Runs batches until every [`Writer`] is dropped. A batch that fails, even by a panic,
 /// is rolled back and answered with its error; the thread goes on with the next.
 fn serve(mut conn: Connection, inbox: &mpsc::Receiver<Request>) {
-    while let Ok(Request { jobs, now, reply }) = inbox.recv() {
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| write(&mut conn, &jobs, now)))
-            .unwrap_or_else(|_| Err(StoreError::Unavailable("the SQLite writer panicked".into())));
-        let _ = reply.send(result);
+    while let Ok(request) = inbox.recv() {
+        match request {
+            Request::Write { jobs, now, reply } => {
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| write(&mut conn, &jobs, now)))
+                    .unwrap_or_else(|_| Err(panicked()));
+                let _ = reply.send(result);
+            }
+            Request::Recent { thread_id, limit, reply } => {
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| recent(&conn, &thread_id, limit)))
+                    .unwrap_or_else(|_| Err(panicked()));
+                let _ = reply.send(result);
+            }
+        }
     }
+}
+
+fn recent(conn: &Connection, thread_id: &str, limit: i64) -> Result<Vec<Message>> {
+    let mut statement = conn.prepare_cached(RECENT_MESSAGES_SQLITE)?;
+    let rows = statement.query_map(rusqlite::params![thread_id, limit], |row| {
+        Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get::<_, String>(4)?))
+    })?;
+    rows.map(|row| {
+        let (id, role, content, created_at, metadata) = row?;
+        let metadata = serde_json::from_str(&metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(Message { id, role, content, created_at, metadata })
+    })
+    .collect()
 }
 
 /// The batch in one `BEGIN IMMEDIATE` transaction: the write lock is taken (or waited
