@@ -254,6 +254,11 @@ pub enum DeliveryError {
 
 struct Pending {
     job: WriteJob,
+    waiter: Waiter,
+}
+
+/// Who is told about a job's commit, and whose connections get its events.
+struct Waiter {
     owner: String,
     queued_at: Instant,
     reply: oneshot::Sender<Result<Vec<EventFrame>, DeliveryError>>,
@@ -311,7 +316,7 @@ impl Delivery {
     /// streaming events) and they still commit, and publish, in order.
     pub async fn submit(&self, job: WriteJob, owner: &str) -> Result<InFlight, DeliveryError> {
         let (reply, rx) = oneshot::channel();
-        let pending = Pending { job, owner: owner.to_string(), queued_at: Instant::now(), reply };
+        let pending = Pending { job, waiter: Waiter { owner: owner.to_string(), queued_at: Instant::now(), reply } };
         self.writer.send(pending).await.map_err(|_| DeliveryError::Stopped)?;
         Ok(InFlight(rx))
     }
@@ -364,29 +369,31 @@ async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mpsc::Receive
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         metrics::histogram!(metric::STORE_BATCH_JOBS).record(batch.len() as f64);
-        let jobs: Vec<WriteJob> = batch.iter().map(|p| p.job.clone()).collect();
+        // The jobs move out of their envelopes: no copy of any payload.
+        let (jobs, waiters): (Vec<WriteJob>, Vec<Waiter>) = batch.drain(..).map(|p| (p.job, p.waiter)).unzip();
         match store.write_batch(&jobs).await {
             Ok(written) => {
-                for (pending, frames) in batch.drain(..).zip(written) {
-                    publish(&registry, pending, frames);
+                for (waiter, frames) in waiters.into_iter().zip(written) {
+                    publish(&registry, waiter, frames);
                 }
             }
-            Err(e) if batch.len() == 1 => {
+            Err(e) if jobs.len() == 1 => {
                 tracing::warn!(error = %e, "event write failed");
-                let pending = batch.pop().expect("batch has one entry");
-                let _ = pending.reply.send(Err(e.into()));
+                if let Some(waiter) = waiters.into_iter().next() {
+                    let _ = waiter.reply.send(Err(e.into()));
+                }
             }
             Err(e) => {
                 // One bad job must not fail its neighbours: write each on its own.
-                tracing::warn!(error = %e, jobs = batch.len(), "batch write failed; retrying jobs one by one");
-                for pending in batch.drain(..) {
-                    match store.write_batch(std::slice::from_ref(&pending.job)).await {
+                tracing::warn!(error = %e, jobs = jobs.len(), "batch write failed; retrying jobs one by one");
+                for (job, waiter) in jobs.iter().zip(waiters) {
+                    match store.write_batch(std::slice::from_ref(job)).await {
                         Ok(mut written) => {
                             let frames = written.pop().expect("one job gives one result");
-                            publish(&registry, pending, frames);
+                            publish(&registry, waiter, frames);
                         }
                         Err(e) => {
-                            let _ = pending.reply.send(Err(e.into()));
+                            let _ = waiter.reply.send(Err(e.into()));
                         }
                     }
                 }
@@ -395,15 +402,15 @@ async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mpsc::Receive
     }
 }
 
-fn publish(registry: &Registry, pending: Pending, frames: Vec<EventFrame>) {
+fn publish(registry: &Registry, waiter: Waiter, frames: Vec<EventFrame>) {
     for frame in &frames {
         let text = Utf8Bytes::from(frame.to_text());
-        let outcome = registry.dispatch(&pending.owner, frame, &text);
+        let outcome = registry.dispatch(&waiter.owner, frame, &text);
         metrics::counter!(metric::EVENTS, "outcome" => outcome.label()).increment(1);
         if let DeliveryOutcome::Dropped(_) = outcome {
             metrics::counter!(metric::EVENTS_DROPPED, "reason" => "queue_full").increment(1);
         }
     }
-    metrics::histogram!(metric::DELIVERY_LATENCY).record(pending.queued_at.elapsed().as_secs_f64());
-    let _ = pending.reply.send(Ok(frames));
+    metrics::histogram!(metric::DELIVERY_LATENCY).record(waiter.queued_at.elapsed().as_secs_f64());
+    let _ = waiter.reply.send(Ok(frames));
 }
