@@ -881,12 +881,10 @@ impl Placeholders {
     }
 }
 
-/// A thread's last messages, newest first (the run's history).
+/// A thread's last messages, newest first (the run's history). SQLite reads `$1`, `$2` as
+/// named parameters numbered in order of appearance, so rusqlite binds them by position.
 const RECENT_MESSAGES: &str =
     "SELECT id, role, content, created_at, metadata FROM messages WHERE thread_id = $1 ORDER BY seq DESC LIMIT $2";
-/// The same for rusqlite, which numbers its parameters `?N`.
-const RECENT_MESSAGES_SQLITE: &str =
-    "SELECT id, role, content, created_at, metadata FROM messages WHERE thread_id = ?1 ORDER BY seq DESC LIMIT ?2";
 
 const THREAD_SELECT: &str = "SELECT t.id, t.owner_id, t.title, t.metadata, t.created_at, t.updated_at, t.last_seq, \
      (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id) AS message_count FROM threads t";

@@ -21,7 +21,7 @@ use rusqlite::types::ToSqlOutput;
 use rusqlite::{Connection, ErrorCode, ToSql, TransactionBehavior, params_from_iter};
 use tokio::sync::oneshot;
 
-use super::{Backend, Batch, Message, Param, RECENT_MESSAGES_SQLITE, Result, SQLITE_PRAGMAS, StoreError, WriteJob};
+use super::{Backend, Batch, Message, Param, RECENT_MESSAGES, Result, SQLITE_PRAGMAS, StoreError, WriteJob};
 
 /// Prepared statements kept per shape: a batch's multi-row statements take a shape per
 /// row count, and re-preparing a large one costs more than the rest of the batch.
@@ -128,7 +128,7 @@ fn serve(mut conn: Connection, inbox: &mpsc::Receiver<Request>) {
 }
 
 fn recent(conn: &Connection, thread_id: &str, limit: i64) -> Result<Vec<Message>> {
-    let mut statement = conn.prepare_cached(RECENT_MESSAGES_SQLITE)?;
+    let mut statement = conn.prepare_cached(RECENT_MESSAGES)?;
     let rows = statement.query_map(rusqlite::params![thread_id, limit], |row| {
         Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get::<_, String>(4)?))
     })?;
