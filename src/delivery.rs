@@ -17,7 +17,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::protocol::EventFrame;
 use crate::store::{Store, StoreError, WriteJob};
 use crate::telemetry::metric;
 
@@ -222,12 +221,12 @@ impl Registry {
         self.users().values().map(Vec::len).sum()
     }
 
-    fn dispatch(&self, owner: &str, frame: &EventFrame, text: &Utf8Bytes) -> DeliveryOutcome {
+    fn dispatch(&self, owner: &str, thread_id: &str, seq: u64, text: &Utf8Bytes) -> DeliveryOutcome {
         // Clone the list out so no registry lock is held while offering.
         let conns: Vec<Arc<Connection>> = self.users().get(owner).cloned().unwrap_or_default();
         let (mut queued, mut full) = (0, false);
         for conn in &conns {
-            match conn.offer(frame.seq, &frame.thread_id, text) {
+            match conn.offer(seq, thread_id, text) {
                 Offer::Queued => queued += 1,
                 Offer::Skipped => {}
                 Offer::Full => full = true,
@@ -261,15 +260,15 @@ struct Pending {
 struct Waiter {
     owner: String,
     queued_at: Instant,
-    reply: oneshot::Sender<Result<Vec<EventFrame>, DeliveryError>>,
+    reply: oneshot::Sender<Result<u64, DeliveryError>>,
 }
 
 /// A submitted job whose commit has not been awaited yet.
-pub struct InFlight(oneshot::Receiver<Result<Vec<EventFrame>, DeliveryError>>);
+pub struct InFlight(oneshot::Receiver<Result<u64, DeliveryError>>);
 
 impl InFlight {
-    /// Waits for the commit.
-    pub async fn wait(self) -> Result<Vec<EventFrame>, DeliveryError> {
+    /// Waits for the commit; the `seq` of the job's first event (0 when it had none).
+    pub async fn wait(self) -> Result<u64, DeliveryError> {
         self.0.await.map_err(|_| DeliveryError::Stopped)?
     }
 
@@ -306,8 +305,8 @@ impl Delivery {
     }
 
     /// Commits a job (rows and events of one thread, atomically), publishes its events,
-    /// and returns them with their `seq`.
-    pub async fn commit(&self, job: WriteJob, owner: &str) -> Result<Vec<EventFrame>, DeliveryError> {
+    /// and returns the `seq` of its first event (0 when it had none).
+    pub async fn commit(&self, job: WriteJob, owner: &str) -> Result<u64, DeliveryError> {
         self.submit(job, owner).await?.wait().await
     }
 
@@ -369,12 +368,13 @@ async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mpsc::Receive
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         metrics::histogram!(metric::STORE_BATCH_JOBS).record(batch.len() as f64);
-        // The jobs move out of their envelopes: no copy of any payload.
+        // The jobs move out of their envelopes into one shared slice: no copy of any payload.
         let (jobs, waiters): (Vec<WriteJob>, Vec<Waiter>) = batch.drain(..).map(|p| (p.job, p.waiter)).unzip();
+        let jobs: Arc<[WriteJob]> = jobs.into();
         match store.write_batch(&jobs).await {
-            Ok(written) => {
-                for (waiter, frames) in waiters.into_iter().zip(written) {
-                    publish(&registry, waiter, frames);
+            Ok(firsts) => {
+                for ((job, waiter), first) in jobs.iter().zip(waiters).zip(firsts) {
+                    publish(&registry, job, waiter, first);
                 }
             }
             Err(e) if jobs.len() == 1 => {
@@ -387,11 +387,9 @@ async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mpsc::Receive
                 // One bad job must not fail its neighbours: write each on its own.
                 tracing::warn!(error = %e, jobs = jobs.len(), "batch write failed; retrying jobs one by one");
                 for (job, waiter) in jobs.iter().zip(waiters) {
-                    match store.write_batch(std::slice::from_ref(job)).await {
-                        Ok(mut written) => {
-                            let frames = written.pop().expect("one job gives one result");
-                            publish(&registry, waiter, frames);
-                        }
+                    let single: Arc<[WriteJob]> = Arc::new([job.clone()]);
+                    match store.write_batch(&single).await {
+                        Ok(firsts) => publish(&registry, job, waiter, firsts[0]),
                         Err(e) => {
                             let _ = waiter.reply.send(Err(e.into()));
                         }
@@ -402,15 +400,18 @@ async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mpsc::Receive
     }
 }
 
-fn publish(registry: &Registry, waiter: Waiter, frames: Vec<EventFrame>) {
-    for frame in &frames {
-        let text = Utf8Bytes::from(frame.to_text());
-        let outcome = registry.dispatch(&waiter.owner, frame, &text);
+/// Hands a committed job's events, numbered from `first`, to the owner's connections:
+/// each is serialized once, for all of them.
+fn publish(registry: &Registry, job: &WriteJob, waiter: Waiter, first: u64) {
+    for (i, event) in job.events.iter().enumerate() {
+        let seq = first + i as u64;
+        let text = Utf8Bytes::from(event.frame_text(&job.thread_id, seq));
+        let outcome = registry.dispatch(&waiter.owner, &job.thread_id, seq, &text);
         metrics::counter!(metric::EVENTS, "outcome" => outcome.label()).increment(1);
         if let DeliveryOutcome::Dropped(_) = outcome {
             metrics::counter!(metric::EVENTS_DROPPED, "reason" => "queue_full").increment(1);
         }
     }
     metrics::histogram!(metric::DELIVERY_LATENCY).record(waiter.queued_at.elapsed().as_secs_f64());
-    let _ = waiter.reply.send(Ok(frames));
+    let _ = waiter.reply.send(Ok(first));
 }

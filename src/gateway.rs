@@ -124,7 +124,7 @@ async fn session(shared: Arc<Shared>, mut socket: WebSocket, token: Result<Strin
         }
     };
     let limits = &shared.config.limits;
-    let conn_id = format!("c_{}", uuid::Uuid::new_v4().simple());
+    let conn_id = format!("c_{}", uuid::Uuid::now_v7().simple());
     let (conn, queue) = Connection::new(conn_id.clone(), user.id.clone(), limits.send_queue);
     if app.delivery.registry.register(&conn, limits.connections_per_user).is_err() {
         close_now(&mut socket, CLOSE_BUSY).await;

@@ -253,15 +253,12 @@ impl EventType {
 }
 
 /// A persisted thread event, exactly as it goes on the wire (§3.1, §6a).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct EventFrame {
-    #[serde(rename = "type")]
     pub kind: String,
     pub thread_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
     pub seq: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_name: Option<String>,
     pub timestamp: String,
     pub payload: Box<RawValue>,
@@ -269,6 +266,38 @@ pub struct EventFrame {
 
 impl EventFrame {
     /// The frame's JSON text; serialized once and shared by every receiver.
+    pub fn to_text(&self) -> String {
+        EventText {
+            kind: &self.kind,
+            thread_id: &self.thread_id,
+            run_id: self.run_id.as_deref(),
+            seq: self.seq,
+            agent_name: self.agent_name.as_deref(),
+            timestamp: &self.timestamp,
+            payload: &self.payload,
+        }
+        .to_text()
+    }
+}
+
+/// An event frame's fields, borrowed: the one serialization of a thread event, used
+/// live (straight from the job that was committed) and on replay (from the store), so
+/// both give the same bytes.
+#[derive(Debug, Serialize)]
+pub struct EventText<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub thread_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<&'a str>,
+    pub seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_name: Option<&'a str>,
+    pub timestamp: &'a str,
+    pub payload: &'a RawValue,
+}
+
+impl EventText<'_> {
     pub fn to_text(&self) -> String {
         serde_json::to_string(self).expect("an event frame has string keys and valid raw JSON")
     }

@@ -50,11 +50,12 @@ async fn batches_assign_dense_seq_per_thread() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(backend, &dir).await;
         let (a, b) = (unique("th"), unique("th"));
-        store.write_batch(&[new_thread_job(&a, "u"), new_thread_job(&b, "u")]).await.expect("create");
-        let written =
-            store.write_batch(&[append_job(&a, 3), append_job(&b, 2), append_job(&a, 2)]).await.expect("append");
-        let seqs: Vec<Vec<u64>> = written.iter().map(|f| f.iter().map(|e| e.seq).collect()).collect();
-        assert_eq!(seqs, vec![vec![2, 3, 4], vec![2, 3], vec![5, 6]], "{backend:?}");
+        store.write_batch(&vec![new_thread_job(&a, "u"), new_thread_job(&b, "u")].into()).await.expect("create");
+        let written = store
+            .write_batch(&vec![append_job(&a, 3), append_job(&b, 2), append_job(&a, 2)].into())
+            .await
+            .expect("append");
+        assert_eq!(written, vec![2, 2, 5], "{backend:?}: the first seq of each job");
         let all = store.events_after(&a, 0, 100).await.expect("read");
         assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6], "{backend:?}");
         let page = store.events_after(&a, 2, 2).await.expect("page");
@@ -72,7 +73,7 @@ async fn a_failed_write_leaves_no_row_behind() {
         let run = unique("run");
         let mut first = new_thread_job(&existing, "u");
         first.rows.push(Row::StartRun { run_id: run.clone(), user_id: "u".into(), node_id: "n".into() });
-        store.write_batch(&[first]).await.expect("first");
+        store.write_batch(&vec![first].into()).await.expect("first");
         // A new thread, its message and a run whose id collides: the insert of the run
         // fails after the thread, message and events were written in the transaction.
         let doomed = unique("th");
@@ -85,7 +86,7 @@ async fn a_failed_write_leaves_no_row_behind() {
             event_index: 0,
         });
         job.rows.push(Row::StartRun { run_id: run.clone(), user_id: "u".into(), node_id: "n".into() });
-        let err = store.write_batch(&[job]).await.expect_err("duplicate run id");
+        let err = store.write_batch(&vec![job].into()).await.expect_err("duplicate run id");
         assert!(matches!(err, StoreError::Rejected(_)), "{backend:?}: {err:?}");
         assert!(matches!(store.thread(&doomed).await, Err(StoreError::NotFound)), "{backend:?}");
         assert!(store.events_after(&doomed, 0, 10).await.expect("read").is_empty(), "{backend:?}");
@@ -110,14 +111,14 @@ async fn concurrent_writers_on_one_thread_keep_seq_dense() {
             Backend::Postgres => store.clone(),
         };
         let thread = unique("th");
-        store.write_batch(&[new_thread_job(&thread, "u")]).await.expect("create");
+        store.write_batch(&vec![new_thread_job(&thread, "u")].into()).await.expect("create");
         let mut tasks = Vec::new();
         for i in 0..8 {
             let s = if i % 2 == 0 { store.clone() } else { other.clone() };
             let t = thread.clone();
             tasks.push(tokio::spawn(async move {
                 for _ in 0..10 {
-                    s.write_batch(&[append_job(&t, 2)]).await.expect("append");
+                    s.write_batch(&vec![append_job(&t, 2)].into()).await.expect("append");
                 }
             }));
         }
@@ -137,11 +138,58 @@ async fn soft_deleted_threads_are_hidden_and_refuse_writes() {
         let store = open(backend, &dir).await;
         let owner = unique("u");
         let thread = unique("th");
-        store.write_batch(&[new_thread_job(&thread, &owner)]).await.expect("create");
+        store.write_batch(&vec![new_thread_job(&thread, &owner)].into()).await.expect("create");
         assert_eq!(store.threads_of(&owner, 10, 0).await.expect("list").len(), 1);
         store.delete_thread(&thread).await.expect("delete");
         assert!(store.threads_of(&owner, 10, 0).await.expect("list").is_empty(), "{backend:?}");
         assert!(matches!(store.thread(&thread).await, Err(StoreError::NotFound)));
-        assert!(matches!(store.write_batch(&[append_job(&thread, 1)]).await, Err(StoreError::NotFound)), "{backend:?}");
+        assert!(
+            matches!(store.write_batch(&vec![append_job(&thread, 1)].into()).await, Err(StoreError::NotFound)),
+            "{backend:?}"
+        );
+    }
+}
+
+fn message_job(thread: &str, text: &str) -> WriteJob {
+    let mut job = append_job(thread, 1);
+    job.rows.push(Row::Message { id: unique("msg"), role: "user", content: text.into(), run_id: None, event_index: 0 });
+    job
+}
+
+/// The history a run would read right after the thread's latest write.
+async fn history(store: &Store, thread: &str, limit: usize) -> Vec<String> {
+    let through = store.thread(thread).await.expect("thread").last_seq as u64;
+    let messages = store.recent_messages(thread, limit, through).await.expect("history");
+    messages.iter().map(|m| m.content.clone()).collect()
+}
+
+/// A run's history comes from memory on the node that writes the thread; a write by
+/// another node (another handle on the same database) must show up all the same.
+#[tokio::test]
+async fn history_stays_right_when_another_node_writes_the_thread() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = match backend {
+            Backend::Sqlite => DatabaseUrl::Sqlite(dir.path().join("netra.db")),
+            Backend::Postgres => DatabaseUrl::Postgres(Secret::new(fresh_pg_url().await)),
+        };
+        let here = Store::connect(&url, Duration::from_secs(10)).await.expect("store connects");
+        let there = Store::connect(&url, Duration::from_secs(10)).await.expect("second node");
+        let thread = unique("th");
+        here.write_batch(&vec![new_thread_job(&thread, "u"), message_job(&thread, "one")].into())
+            .await
+            .expect("create");
+        assert_eq!(history(&here, &thread, 10).await, ["one"], "{backend:?}");
+        // The other node has never seen the thread: it reads the store.
+        there.write_batch(&vec![message_job(&thread, "two")].into()).await.expect("there");
+        assert_eq!(history(&there, &thread, 10).await, ["one", "two"], "{backend:?}");
+        // This node's next commit sees the gap in seq and stops answering from memory; a
+        // reader that needs a later seq than this node has seen reads the store.
+        here.write_batch(&vec![message_job(&thread, "three")].into()).await.expect("here");
+        assert_eq!(history(&here, &thread, 10).await, ["one", "two", "three"], "{backend:?}");
+        assert_eq!(history(&here, &thread, 2).await, ["two", "three"], "{backend:?}");
+        there.write_batch(&vec![message_job(&thread, "four")].into()).await.expect("there again");
+        assert_eq!(history(&there, &thread, 10).await, ["one", "two", "three", "four"], "{backend:?}");
+        assert_eq!(history(&here, &thread, 10).await, ["one", "two", "three", "four"], "{backend:?}");
     }
 }

@@ -30,7 +30,7 @@ use crate::telemetry::metric;
 pub const AGENT_NAME: &str = "supervisor";
 
 /// How many of a thread's latest messages a run reads as its context.
-const HISTORY_MESSAGES: i64 = 50;
+const HISTORY_MESSAGES: usize = crate::store::HISTORY_DEPTH;
 
 /// Where a run's words come from.
 #[derive(Debug, Clone)]
@@ -113,7 +113,9 @@ pub struct RunContext {
     pub owner: String,
     pub text: String,
     /// The thread's messages, oldest first, ending with this run's user message.
-    pub history: Vec<Message>,
+    pub history: Vec<Arc<Message>>,
+    /// The `seq` of the run's own message.
+    message_seq: u64,
     delivery: Delivery,
     /// Emitted events whose commit has not been confirmed yet.
     in_flight: std::sync::Mutex<Vec<InFlight>>,
@@ -291,7 +293,7 @@ impl Supervisor {
         if !self.inner.accepting.load(Ordering::Acquire) {
             return Err(StartError::ShuttingDown);
         }
-        let run_id = format!("run_{}", uuid::Uuid::new_v4().simple());
+        let run_id = format!("run_{}", uuid::Uuid::now_v7().simple());
         let cancel = CancellationToken::new();
         let (thread_id, create) = match thread_id {
             Some(id) => {
@@ -302,7 +304,7 @@ impl Supervisor {
                 }
                 (id.to_string(), false)
             }
-            None => (format!("th_{}", uuid::Uuid::new_v4().simple()), true),
+            None => (format!("th_{}", uuid::Uuid::now_v7().simple()), true),
         };
         {
             let mut runs = self.runs();
@@ -314,7 +316,7 @@ impl Supervisor {
                 ActiveRun { user_id: user_id.to_string(), thread_id: thread_id.clone(), cancel: cancel.clone() },
             );
         }
-        let message_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+        let message_id = format!("msg_{}", uuid::Uuid::now_v7().simple());
         let mut rows = Vec::new();
         let mut events = Vec::new();
         if create {
@@ -328,12 +330,13 @@ impl Supervisor {
                 payload: to_raw(&json!({"thread_id": thread_id, "title": title})),
             });
         }
+        let message_index = events.len();
         rows.push(Row::Message {
             id: message_id.clone(),
             role: "user",
             content: text.to_string(),
             run_id: Some(run_id.clone()),
-            event_index: events.len(),
+            event_index: message_index,
         });
         rows.push(Row::StartRun {
             run_id: run_id.clone(),
@@ -353,10 +356,13 @@ impl Supervisor {
             &json!({"status": "started", "message": format!("{AGENT_NAME} started"), "context": {}}),
         ));
         let job = WriteJob { thread_id: thread_id.clone(), rows, events };
-        if let Err(e) = self.inner.delivery.commit(job, user_id).await {
-            self.runs().remove(&run_id);
-            return Err(e.into());
-        }
+        let message_seq = match self.inner.delivery.commit(job, user_id).await {
+            Ok(first) => first + message_index as u64,
+            Err(e) => {
+                self.runs().remove(&run_id);
+                return Err(e.into());
+            }
+        };
         metrics::gauge!(metric::RUNS_ACTIVE).increment(1.0);
         let started = RunStarted { run_id: run_id.clone(), thread_id: thread_id.clone() };
         let this = self.clone();
@@ -366,6 +372,7 @@ impl Supervisor {
             owner: user_id.to_string(),
             text: text.to_string(),
             history: Vec::new(),
+            message_seq,
             delivery: self.inner.delivery.clone(),
             in_flight: Default::default(),
         };
@@ -378,7 +385,7 @@ impl Supervisor {
         let started = Instant::now();
         // Dropping `work` (stop, deadline) drops the provider's upstream stream with it.
         let work = async {
-            ctx.history = self.inner.store.recent_messages(&ctx.thread_id, HISTORY_MESSAGES).await?;
+            ctx.history = self.inner.store.recent_messages(&ctx.thread_id, HISTORY_MESSAGES, ctx.message_seq).await?;
             self.inner.providers.for_user(&ctx.owner).run(&ctx).await
         };
         let ending = tokio::select! {
@@ -418,7 +425,7 @@ impl Supervisor {
                 ];
                 let mut job = ending_job(&ctx.thread_id, &ctx.run_id, "completed", events, None, answer.usage);
                 job.rows.push(Row::Message {
-                    id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
+                    id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
                     role: "assistant",
                     content: answer.text.clone(),
                     run_id: Some(ctx.run_id.clone()),

@@ -8,6 +8,7 @@
 //! A stopped run drops the response stream, which closes the upstream connection.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -321,7 +322,7 @@ impl OpenAi {
 
 /// The messages a run sends: the system prompt, then as many of the thread's earlier
 /// messages as fit in `budget` characters (dropping the oldest first), then `text`.
-fn conversation(system_prompt: &str, history: &[Message], text: &str, budget: usize) -> Vec<Value> {
+fn conversation(system_prompt: &str, history: &[Arc<Message>], text: &str, budget: usize) -> Vec<Value> {
     // The run's own message is normally the last of the history; it is always sent.
     let earlier = match history.split_last() {
         Some((last, earlier)) if last.role == "user" && last.content == text => earlier,
@@ -604,8 +605,14 @@ impl Reply {
 mod tests {
     use super::*;
 
-    fn message(role: &str, content: &str) -> Message {
-        Message { id: "m".into(), role: role.into(), content: content.into(), created_at: 0, metadata: Value::Null }
+    fn message(role: &str, content: &str) -> Arc<Message> {
+        Arc::new(Message {
+            id: "m".into(),
+            role: role.into(),
+            content: content.into(),
+            created_at: 0,
+            metadata: Value::Null,
+        })
     }
 
     #[test]

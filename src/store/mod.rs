@@ -6,6 +6,7 @@
 //! On SQLite, [`Store::write_batch`] runs on a dedicated writer thread
 //! ([`sqlite_writer`]); everything else goes through the sqlx pool.
 
+mod history;
 mod sqlite_writer;
 
 use std::collections::HashMap;
@@ -19,7 +20,7 @@ use sqlx::{Any, AnyPool, Row as _};
 use tracing::instrument;
 
 use crate::config::DatabaseUrl;
-use crate::protocol::{EventFrame, EventType};
+use crate::protocol::{EventFrame, EventText, EventType};
 
 /// The driver's error behind a [`StoreError`].
 pub type Cause = Box<dyn std::error::Error + Send + Sync>;
@@ -56,8 +57,11 @@ impl From<sqlx::Error> for StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-const MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("migrations/0001_init.sql")), (2, include_str!("migrations/0002_run_usage.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_run_usage.sql")),
+    (3, include_str!("migrations/0003_threads_by_owner.sql")),
+];
 
 /// Set on every SQLite connection, pooled or the writer's. WAL lets readers run beside
 /// the one writer; NORMAL syncs at checkpoints, so a power cut may lose the last commits
@@ -86,7 +90,11 @@ pub struct Store {
     /// On SQLite, the thread that runs [`Store::write_batch`].
     writer: Option<sqlite_writer::Writer>,
     owners: Arc<OwnerCache>,
+    history: Arc<history::HistoryCache>,
 }
+
+/// The most messages a run reads as its history ([`Store::recent_messages`]).
+pub const HISTORY_DEPTH: usize = 50;
 
 /// Thread owners seen by this node. An owner never changes, so a hit is always right
 /// about ownership; a thread deleted on another node may still be listed here, which is
@@ -160,6 +168,22 @@ pub struct NewEvent {
     pub agent_name: Option<String>,
     pub timestamp: String,
     pub payload: Box<RawValue>,
+}
+
+impl NewEvent {
+    /// The event's frame text once it is stored in `thread_id` as `seq`.
+    pub fn frame_text(&self, thread_id: &str, seq: u64) -> String {
+        EventText {
+            kind: self.kind.as_str(),
+            thread_id,
+            run_id: self.run_id.as_deref(),
+            seq,
+            agent_name: self.agent_name.as_deref(),
+            timestamp: &self.timestamp,
+            payload: &self.payload,
+        }
+        .to_text()
+    }
 }
 
 /// Rows written in the same transaction as a job's events.
@@ -251,7 +275,13 @@ impl Store {
                 Err(e) => return Err(StoreError::Unavailable(Box::new(e))),
             }
         };
-        let mut store = Self { pool, backend, writer: None, owners: Arc::default() };
+        let mut store = Self {
+            pool,
+            backend,
+            writer: None,
+            owners: Arc::default(),
+            history: Arc::new(history::HistoryCache::new(HISTORY_DEPTH)),
+        };
         store.migrate().await?;
         if let DatabaseUrl::Sqlite(path) = url {
             store.writer = Some(sqlite_writer::Writer::start(path).await?);
@@ -427,6 +457,7 @@ impl Store {
     #[instrument(skip_all, fields(thread_id))]
     pub async fn delete_thread(&self, thread_id: &str) -> Result<()> {
         self.owners.remove(thread_id);
+        self.history.forget(thread_id);
         let done = sqlx::query("UPDATE threads SET deleted_at = $2 WHERE id = $1 AND deleted_at IS NULL")
             .bind(thread_id)
             .bind(now_ms())
@@ -442,6 +473,7 @@ impl Store {
     #[instrument(skip_all, fields(thread_id))]
     pub async fn purge_thread(&self, thread_id: &str) -> Result<()> {
         self.owners.remove(thread_id);
+        self.history.forget(thread_id);
         let mut tx = self.pool.begin().await?;
         for table in ["events", "messages", "runs"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE thread_id = $1")).bind(thread_id).execute(&mut *tx).await?;
@@ -471,18 +503,29 @@ impl Store {
         Ok((messages, total))
     }
 
-    /// The last `limit` messages of a thread, oldest first: the agent's context.
+    /// The last `limit` (at most [`HISTORY_DEPTH`]) messages of a thread, oldest first,
+    /// including at least everything up to `seq`: the agent's context, where `seq` is the
+    /// run's own message. Threads this node writes are answered from memory.
     #[instrument(skip_all, fields(thread_id))]
-    pub async fn recent_messages(&self, thread_id: &str, limit: i64) -> Result<Vec<Message>> {
-        let mut messages = match &self.writer {
-            Some(writer) => writer.recent(thread_id, limit).await?,
+    pub async fn recent_messages(&self, thread_id: &str, limit: usize, seq: u64) -> Result<Vec<Arc<Message>>> {
+        let limit = limit.min(HISTORY_DEPTH);
+        if let Some(messages) = self.history.get(thread_id, limit, seq) {
+            return Ok(messages);
+        }
+        let depth = HISTORY_DEPTH as i64;
+        let (newest_first, through) = match &self.writer {
+            Some(writer) => writer.recent(thread_id, depth).await?,
             None => {
-                let rows = sqlx::query(RECENT_MESSAGES).bind(thread_id).bind(limit).fetch_all(&self.pool).await?;
-                rows.iter().map(message_from_row).collect::<Result<Vec<_>>>()?
+                let rows = sqlx::query(RECENT_MESSAGES).bind(thread_id).bind(depth).fetch_all(&self.pool).await?;
+                let through = rows.first().map(|r| r.try_get::<i64, _>("through_seq")).transpose()?;
+                (rows.iter().map(message_from_row).collect::<Result<Vec<_>>>()?, through)
             }
         };
-        messages.reverse();
-        Ok(messages)
+        let newest_first: Vec<Arc<Message>> = newest_first.into_iter().map(Arc::new).collect();
+        if let Some(through) = through {
+            self.history.fill(thread_id, u64::try_from(through).unwrap_or(0), &newest_first);
+        }
+        Ok(newest_first.into_iter().take(limit).rev().collect())
     }
 
     /// Up to `limit` events with `seq > after_seq`, in order.
@@ -514,25 +557,27 @@ impl Store {
             .collect()
     }
 
-    /// Writes every job in one transaction and returns each job's events with their
-    /// `seq`. All or nothing: on error no job's rows exist. The statements per batch do
-    /// not grow with its size: one update hands out the sequence numbers of every thread
-    /// in the batch, one multi-row insert stores the events.
+    /// Writes every job in one transaction and returns the `seq` of each job's first event
+    /// (0 for a job without events); the job's later events follow densely. All or
+    /// nothing: on error no job's rows exist. The jobs are shared, not copied, with the
+    /// SQLite writer thread.
     #[instrument(skip_all, fields(jobs = jobs.len()))]
-    pub async fn write_batch(&self, jobs: &[WriteJob]) -> Result<Vec<Vec<EventFrame>>> {
+    pub async fn write_batch(&self, jobs: &Arc<[WriteJob]>) -> Result<Vec<u64>> {
         let now = now_ms();
         let firsts = match &self.writer {
-            Some(writer) => writer.write(jobs.to_vec(), now).await?,
+            Some(writer) => writer.write(jobs.clone(), now).await?,
             None => self.write_pooled(jobs, now).await?,
         };
-        for job in jobs {
+        let firsts: Vec<u64> = firsts.into_iter().map(|f| u64::try_from(f).unwrap_or(0)).collect();
+        for (job, first) in jobs.iter().zip(&firsts) {
             for row in &job.rows {
                 if let Row::CreateThread { owner_id, .. } = row {
                     self.owners.insert(&job.thread_id, owner_id);
                 }
             }
+            self.history.record(job, *first, now);
         }
-        Ok(frames(jobs, &firsts))
+        Ok(firsts)
     }
 
     /// [`Store::write_batch`] through the pool (PostgreSQL); returns each job's first seq.
@@ -825,28 +870,6 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// Each job's events as frames, numbered from its first `seq`.
-fn frames(jobs: &[WriteJob], firsts: &[i64]) -> Vec<Vec<EventFrame>> {
-    jobs.iter()
-        .zip(firsts)
-        .map(|(job, first)| {
-            job.events
-                .iter()
-                .enumerate()
-                .map(|(i, event)| EventFrame {
-                    kind: event.kind.as_str().to_string(),
-                    thread_id: job.thread_id.clone(),
-                    run_id: event.run_id.clone(),
-                    seq: (first + i as i64) as u64,
-                    agent_name: event.agent_name.clone(),
-                    timestamp: event.timestamp.clone(),
-                    payload: event.payload.clone(),
-                })
-                .collect()
-        })
-        .collect()
-}
-
 /// Numbered placeholders in order of appearance, whatever the backend's syntax.
 struct Placeholders {
     backend: Backend,
@@ -881,10 +904,13 @@ impl Placeholders {
     }
 }
 
-/// A thread's last messages, newest first (the run's history). SQLite reads `$1`, `$2` as
-/// named parameters numbered in order of appearance, so rusqlite binds them by position.
-const RECENT_MESSAGES: &str =
-    "SELECT id, role, content, created_at, metadata FROM messages WHERE thread_id = $1 ORDER BY seq DESC LIMIT $2";
+/// A thread's last messages, newest first (the run's history), each with the thread's
+/// `last_seq` as of the same snapshot (one statement: one snapshot on both backends).
+/// SQLite reads `$1`, `$2` as named parameters numbered in order of first appearance,
+/// so rusqlite binds them by position.
+const RECENT_MESSAGES: &str = "SELECT id, role, content, created_at, metadata, \
+     (SELECT last_seq FROM threads WHERE id = $1) AS through_seq \
+     FROM messages WHERE thread_id = $1 ORDER BY seq DESC LIMIT $2";
 
 const THREAD_SELECT: &str = "SELECT t.id, t.owner_id, t.title, t.metadata, t.created_at, t.updated_at, t.last_seq, \
      (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id) AS message_count FROM threads t";

@@ -15,17 +15,23 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
-use rusqlite::types::ToSqlOutput;
-use rusqlite::{Connection, ErrorCode, ToSql, TransactionBehavior, params_from_iter};
+use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::{Backend, Batch, Message, Param, RECENT_MESSAGES, Result, SQLITE_PRAGMAS, StoreError, WriteJob};
+use super::{Backend, Batch, Message, RECENT_MESSAGES, Result, Row, SQLITE_PRAGMAS, StoreError, WriteJob};
 
-/// Prepared statements kept per shape: a batch's multi-row statements take a shape per
-/// row count, and re-preparing a large one costs more than the rest of the batch.
-const STATEMENT_CACHE: usize = 256;
+/// Prepared statements kept: the writer uses a handful, each for one row.
+const STATEMENT_CACHE: usize = 16;
+
+/// The writer's own settings, after [`SQLITE_PRAGMAS`]. A checkpoint copies every page
+/// the WAL holds back into the database and syncs it; the hot pages of a chat (the tails
+/// of each thread's index entries) are rewritten by every commit, so a longer WAL copies
+/// each of them once for many commits (default: every 1000 pages, ~4 MiB). The larger
+/// cache keeps those pages in memory between batches.
+const WRITER_PRAGMAS: &[&str] =
+    &["PRAGMA wal_autocheckpoint = 16384", "PRAGMA journal_size_limit = 67108864", "PRAGMA cache_size = -32768"];
 
 /// A handle to the writer thread; cheap to clone. The thread stops when the last handle
 /// is dropped.
@@ -36,7 +42,7 @@ pub(super) struct Writer {
 
 enum Request {
     Write {
-        jobs: Vec<WriteJob>,
+        jobs: Arc<[WriteJob]>,
         now: i64,
         reply: oneshot::Sender<Result<Vec<i64>>>,
     },
@@ -45,7 +51,7 @@ enum Request {
     Recent {
         thread_id: String,
         limit: i64,
-        reply: oneshot::Sender<Result<Vec<Message>>>,
+        reply: oneshot::Sender<Result<(Vec<Message>, Option<i64>)>>,
     },
 }
 
@@ -73,14 +79,15 @@ impl Writer {
     }
 
     /// Writes the batch and returns the first `seq` of each job.
-    pub(super) async fn write(&self, jobs: Vec<WriteJob>, now: i64) -> Result<Vec<i64>> {
+    pub(super) async fn write(&self, jobs: Arc<[WriteJob]>, now: i64) -> Result<Vec<i64>> {
         let (reply, answer) = oneshot::channel();
         self.requests.send(Request::Write { jobs, now, reply }).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 
-    /// The last `limit` messages of a thread, newest first.
-    pub(super) async fn recent(&self, thread_id: &str, limit: i64) -> Result<Vec<Message>> {
+    /// The last `limit` messages of a thread, newest first, and the thread's `last_seq`
+    /// as of that read (`None` when it has no message).
+    pub(super) async fn recent(&self, thread_id: &str, limit: i64) -> Result<(Vec<Message>, Option<i64>)> {
         let (reply, answer) = oneshot::channel();
         let request = Request::Recent { thread_id: thread_id.to_string(), limit, reply };
         self.requests.send(request).map_err(|_| stopped())?;
@@ -98,7 +105,7 @@ fn stopped() -> StoreError {
 
 fn open(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
-    for pragma in SQLITE_PRAGMAS {
+    for pragma in SQLITE_PRAGMAS.iter().chain(WRITER_PRAGMAS) {
         // Some pragmas answer with a row; read it and let it go.
         let mut statement = conn.prepare(pragma)?;
         let mut rows = statement.query([])?;
@@ -127,52 +134,120 @@ fn serve(mut conn: Connection, inbox: &mpsc::Receiver<Request>) {
     }
 }
 
-fn recent(conn: &Connection, thread_id: &str, limit: i64) -> Result<Vec<Message>> {
+fn recent(conn: &Connection, thread_id: &str, limit: i64) -> Result<(Vec<Message>, Option<i64>)> {
     let mut statement = conn.prepare_cached(RECENT_MESSAGES)?;
     let rows = statement.query_map(rusqlite::params![thread_id, limit], |row| {
-        Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get::<_, String>(4)?))
+        Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get::<_, String>(4)?, row.get(5)?))
     })?;
-    rows.map(|row| {
-        let (id, role, content, created_at, metadata) = row?;
+    let mut through = None;
+    let mut messages = Vec::new();
+    for row in rows {
+        let (id, role, content, created_at, metadata, last_seq) = row?;
+        through = Some(last_seq);
         let metadata = serde_json::from_str(&metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        Ok(Message { id, role, content, created_at, metadata })
-    })
-    .collect()
+        messages.push(Message { id, role, content, created_at, metadata });
+    }
+    Ok((messages, through))
 }
 
 /// The batch in one `BEGIN IMMEDIATE` transaction: the write lock is taken (or waited
 /// for, up to the busy timeout) before the first statement, never upgraded midway.
+///
+/// Every row is its own execution of one cached single-row statement. On SQLite that is
+/// the cheap shape: no SQL text is built per batch, and a statement that writes one row
+/// needs no statement journal (a multi-row insert inside a transaction writes every page
+/// it touches to one, in case a later row fails).
 fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
     let batch = Batch::new(Backend::Sqlite, jobs, now);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    for statement in batch.creates() {
-        tx.prepare_cached(&statement.sql)?.execute(params_from_iter(&statement.params))?;
+    {
+        let mut create = tx.prepare_cached(
+            "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
+             VALUES (?1, ?2, ?3, '{}', ?4, ?4, 0)",
+        )?;
+        for job in jobs {
+            for row in &job.rows {
+                if let Row::CreateThread { owner_id, title } = row {
+                    create.execute(rusqlite::params![job.thread_id, owner_id, title, now])?;
+                }
+            }
+        }
     }
-    let mut handed_out = Vec::new();
-    if let Some(statement) = batch.allocate() {
-        let mut prepared = tx.prepare_cached(&statement.sql)?;
-        let mut rows = prepared.query(params_from_iter(&statement.params))?;
-        while let Some(row) = rows.next()? {
-            handed_out.push((row.get(0)?, row.get(1)?));
+    let mut handed_out = Vec::with_capacity(batch.totals.len());
+    {
+        let mut allocate = tx.prepare_cached(
+            "UPDATE threads SET last_seq = last_seq + ?2, updated_at = ?3 \
+             WHERE id = ?1 AND deleted_at IS NULL RETURNING last_seq",
+        )?;
+        for (thread, n) in &batch.totals {
+            let mut rows = allocate.query(rusqlite::params![thread, n, now])?;
+            if let Some(row) = rows.next()? {
+                handed_out.push((thread.to_string(), row.get(0)?));
+            }
         }
     }
     let firsts = batch.firsts(handed_out)?;
-    for statement in batch.rest(&firsts) {
-        tx.prepare_cached(&statement.sql)?.execute(params_from_iter(&statement.params))?;
-    }
-    tx.commit()?;
-    Ok(firsts)
-}
-
-impl ToSql for Param<'_> {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        match self {
-            Param::Text(v) => v.to_sql(),
-            Param::MaybeText(v) => v.to_sql(),
-            Param::Int(v) => v.to_sql(),
-            Param::MaybeInt(v) => v.to_sql(),
+    let mut event = tx.prepare_cached(
+        "INSERT INTO events (thread_id, seq, run_id, type, agent_name, payload, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for (job, first) in jobs.iter().zip(&firsts) {
+        for (i, e) in job.events.iter().enumerate() {
+            event.execute(rusqlite::params![
+                job.thread_id,
+                first + i as i64,
+                e.run_id,
+                e.kind.as_str(),
+                e.agent_name,
+                e.payload.get(),
+                e.timestamp
+            ])?;
+        }
+        for row in &job.rows {
+            match row {
+                Row::CreateThread { .. } => {}
+                Row::Message { id, role, content, run_id, event_index } => {
+                    tx.prepare_cached(
+                        "INSERT INTO messages (id, thread_id, seq, role, content, run_id, created_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?
+                    .execute(rusqlite::params![
+                        id,
+                        job.thread_id,
+                        first + *event_index as i64,
+                        role,
+                        content,
+                        run_id,
+                        now
+                    ])?;
+                }
+                Row::StartRun { run_id, user_id, node_id } => {
+                    tx.prepare_cached(
+                        "INSERT INTO runs (id, thread_id, user_id, node_id, started_at, status) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'running')",
+                    )?
+                    .execute(rusqlite::params![run_id, job.thread_id, user_id, node_id, now])?;
+                }
+                Row::EndRun { run_id, status, error, prompt_tokens, completion_tokens } => {
+                    tx.prepare_cached(
+                        "UPDATE runs SET status = ?1, ended_at = ?2, error = ?3, prompt_tokens = ?4, \
+                         completion_tokens = ?5 WHERE id = ?6",
+                    )?
+                    .execute(rusqlite::params![
+                        status,
+                        now,
+                        error,
+                        prompt_tokens,
+                        completion_tokens,
+                        run_id
+                    ])?;
+                }
+            }
         }
     }
+    drop(event);
+    tx.commit()?;
+    Ok(firsts)
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -224,7 +299,7 @@ mod tests {
         // No schema: every batch fails inside SQLite.
         let writer = Writer::start(&dir.path().join("empty.db")).await.expect("writer starts");
         for _ in 0..2 {
-            let err = writer.write(vec![job()], 1).await.expect_err("no threads table");
+            let err = writer.write(vec![job()].into(), 1).await.expect_err("no threads table");
             assert!(matches!(&err, StoreError::Rejected(e) if e.to_string().contains("no such table")), "{err:?}");
         }
     }
@@ -235,7 +310,7 @@ mod tests {
         let path = dir.path().join("netra.db");
         let writer = Writer::start(&path).await.expect("writer starts");
         // A transaction (this one fails: no schema) opens the -wal file.
-        writer.write(vec![job()], 1).await.expect_err("no threads table");
+        writer.write(vec![job()].into(), 1).await.expect_err("no threads table");
         let wal = dir.path().join("netra.db-wal");
         assert!(wal.exists(), "WAL mode makes the -wal file");
         let copy = writer.clone();

@@ -101,7 +101,7 @@ pub(crate) async fn create(auth: Authed, body: Option<Body<ThreadBody>>) -> Resu
     let title = body.title().unwrap_or_else(|| "New Chat".into());
     let metadata = body.metadata()?.cloned().unwrap_or_else(|| json!({}));
     auth.app.store.upsert_user(&auth.user.id, auth.user.email.as_deref(), auth.user.name.as_deref()).await?;
-    let id = format!("th_{}", uuid::Uuid::new_v4().simple());
+    let id = format!("th_{}", uuid::Uuid::now_v7().simple());
     let thread = auth.app.store.create_thread(&id, &auth.user.id, &title, &metadata).await?;
     Ok(Json((&thread).into()))
 }
