@@ -8,13 +8,12 @@
 //! queue with `try_send`; a connection whose queue is full is closed (1013) and counted,
 //! and its client catches up from the store by `seq`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use crate::store::{Store, StoreError, WriteJob};
@@ -66,58 +65,124 @@ enum Follow {
     Live { last_seq: u64 },
 }
 
-/// The server side of one WebSocket, as delivery sees it.
+/// The server side of one WebSocket, as delivery sees it: who it is, the frames waiting
+/// for the socket, and how it follows each thread.
+///
+/// The outbox is a plain bounded queue under a lock, with two notifications: the socket
+/// task waits on `wake` (frames queued or a close decided) and a sender that found the
+/// queue full waits on `room`. An idle connection holds no buffer at all (a channel
+/// would allocate its first block up front), which is what lets one process hold many.
 pub struct Connection {
     pub id: String,
     pub user_id: String,
-    queue: mpsc::Sender<Utf8Bytes>,
-    close: Mutex<Option<CloseReason>>,
-    closed: CancellationToken,
+    capacity: usize,
+    outbox: Mutex<Outbox>,
+    wake: Notify,
+    room: Notify,
     follows: Mutex<HashMap<String, Follow>>,
     generation: std::sync::atomic::AtomicU64,
 }
 
+#[derive(Default)]
+struct Outbox {
+    frames: VecDeque<Utf8Bytes>,
+    /// The first close decided; the socket task sends it after the queued frames.
+    close: Option<CloseReason>,
+    /// The socket task has finished: nothing more is taken.
+    gone: bool,
+}
+
+/// What the socket task takes from the outbox in one go.
+pub struct Taken {
+    pub close: Option<CloseReason>,
+}
+
 impl Connection {
-    /// A connection with a send queue of `capacity` frames; the receiver goes to the
-    /// socket's writer task.
-    pub fn new(id: String, user_id: String, capacity: usize) -> (Arc<Self>, mpsc::Receiver<Utf8Bytes>) {
-        let (queue, rx) = mpsc::channel(capacity);
-        let conn = Self {
+    /// A connection whose outbox holds at most `capacity` frames.
+    pub fn new(id: String, user_id: String, capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
             id,
             user_id,
-            queue,
-            close: Mutex::new(None),
-            closed: CancellationToken::new(),
+            capacity,
+            outbox: Mutex::default(),
+            wake: Notify::new(),
+            room: Notify::new(),
             follows: Mutex::new(HashMap::new()),
             generation: Default::default(),
-        };
-        (Arc::new(conn), rx)
+        })
     }
 
-    /// Queues a frame for this connection alone (replies, protocol errors). Waits for
-    /// room: only the connection's own tasks call this.
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().expect("outbox lock is never held across a panic")
+    }
+
+    /// Queues a frame for this connection alone (replies, protocol errors, replays).
+    /// Waits for room; `false` once the socket is gone.
     pub async fn send(&self, text: impl Into<Utf8Bytes>) -> bool {
-        self.queue.send(text.into()).await.is_ok()
+        let text = text.into();
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            {
+                let mut outbox = self.outbox();
+                if outbox.gone {
+                    return false;
+                }
+                if outbox.frames.len() < self.capacity {
+                    outbox.frames.push_back(text);
+                    drop(outbox);
+                    self.wake.notify_one();
+                    return true;
+                }
+                // Registered before the lock is released: a drain in between still wakes us.
+                room.as_mut().enable();
+            }
+            room.await;
+        }
     }
 
-    /// Asks the writer to close the socket with `reason`; the first reason wins.
+    /// Asks the socket task to close with `reason`; the first reason wins.
     pub fn close(&self, reason: CloseReason) {
-        let mut slot = self.close.lock().expect("close lock is never held across a panic");
-        if slot.is_none() {
-            *slot = Some(reason);
+        let mut outbox = self.outbox();
+        if outbox.close.is_none() {
+            outbox.close = Some(reason);
             metrics::counter!(metric::WS_CLOSES, "code" => reason.code.to_string()).increment(1);
         }
-        drop(slot);
-        self.closed.cancel();
+        drop(outbox);
+        self.wake.notify_one();
     }
 
-    /// Resolves when someone called [`Connection::close`].
-    pub fn closing(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.closed.cancelled()
+    /// Resolves when frames were queued or a close was decided since the last
+    /// [`Connection::take`] (for the socket task, the only one that waits on it).
+    pub async fn woken(&self) {
+        self.wake.notified().await;
     }
 
-    pub fn close_reason(&self) -> Option<CloseReason> {
-        *self.close.lock().expect("close lock is never held across a panic")
+    pub fn close_requested(&self) -> bool {
+        self.outbox().close.is_some()
+    }
+
+    /// Moves every queued frame into `into` and tells waiting senders there is room.
+    pub fn take(&self, into: &mut Vec<Utf8Bytes>) -> Taken {
+        let mut outbox = self.outbox();
+        into.extend(outbox.frames.drain(..));
+        if outbox.frames.capacity() > 64 {
+            // A burst grew the queue; an idle connection keeps no buffer.
+            outbox.frames = VecDeque::new();
+        }
+        let close = outbox.close;
+        drop(outbox);
+        self.room.notify_waiters();
+        Taken { close }
+    }
+
+    /// The socket task has ended: later frames are refused and waiting senders released.
+    pub fn finish(&self) {
+        let mut outbox = self.outbox();
+        outbox.gone = true;
+        outbox.frames = VecDeque::new();
+        drop(outbox);
+        self.room.notify_waiters();
     }
 
     /// Back to the default for this thread: the client sent into it (§6b).
@@ -148,14 +213,19 @@ impl Connection {
                 Some(Follow::Live { last_seq }) => *last_seq = seq,
             }
         }
-        match self.queue.try_send(text.clone()) {
-            Ok(()) => Offer::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(CloseReason { code: 1013, reason: "send queue full" });
-                Offer::Full
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Skipped,
+        let mut outbox = self.outbox();
+        if outbox.gone || outbox.close.is_some() {
+            return Offer::Skipped;
         }
+        if outbox.frames.len() >= self.capacity {
+            drop(outbox);
+            self.close(CloseReason { code: 1013, reason: "send queue full" });
+            return Offer::Full;
+        }
+        outbox.frames.push_back(text.clone());
+        drop(outbox);
+        self.wake.notify_one();
+        Offer::Queued
     }
 }
 

@@ -14,7 +14,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::agent::StartError;
@@ -24,6 +23,10 @@ use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
 use crate::store::StoreError;
 use crate::telemetry::metric;
 use crate::{App, Shared};
+
+/// Bytes read from a socket at a time, and the read buffer an idle connection keeps.
+/// Chat frames are a few hundred bytes; a larger frame grows the buffer while it is read.
+const READ_BUFFER: usize = 512;
 
 const CLOSE_NORMAL: CloseReason = CloseReason { code: 1000, reason: "" };
 const CLOSE_IDLE: CloseReason = CloseReason { code: 1001, reason: "idle timeout" };
@@ -82,32 +85,47 @@ pub(crate) async fn upgrade(
     let offered = offered_protocols(&headers);
     let token = extract_token(&headers, &offered, query.as_deref());
     let limit = shared.config.limits.max_frame_bytes;
-    let mut ws = ws.max_message_size(limit).max_frame_size(limit).read_buffer_size(4096);
+    let mut ws = ws.max_message_size(limit).max_frame_size(limit).read_buffer_size(READ_BUFFER);
     if offered.iter().any(|p| p == "jwt-auth") {
         ws = ws.protocols(["jwt-auth"]);
     }
     ws.on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed")).on_upgrade(
-        move |socket| async move {
+        move |mut socket| async move {
             let _tracked = shared.connections.token();
-            session(shared.clone(), socket, token).await;
+            // The connection's one task holds the socket and little else while idle; the
+            // steps before the loop, and each frame's handling, live in boxes of their own.
+            let Some((app, conn)) = Box::pin(open(&shared, &mut socket, token)).await else { return };
+            serve(&app, &shared, &conn, socket).await;
+            app.delivery.registry.unregister(&conn);
+            conn.finish();
         },
     )
 }
 
 async fn close_now(socket: &mut WebSocket, reason: CloseReason) {
     metrics::counter!(metric::WS_CLOSES, "code" => reason.code.to_string()).increment(1);
-    let frame = CloseFrame { code: reason.code, reason: Utf8Bytes::from_static(reason.reason) };
-    let _ = socket.send(Message::Close(Some(frame))).await;
-    // Wait briefly for the client's close reply so the close is clean on both sides.
-    let _ =
-        tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = socket.next().await {} }).await;
+    close_socket(socket, reason).await;
 }
 
-async fn session(shared: Arc<Shared>, mut socket: WebSocket, token: Result<String, AuthError>) {
+/// Sends the close frame and waits briefly for the client's reply, so the close is clean
+/// on both sides.
+async fn close_socket(socket: &mut WebSocket, reason: CloseReason) {
+    let frame = CloseFrame { code: reason.code, reason: Utf8Bytes::from_static(reason.reason) };
+    let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(Message::Close(Some(frame)))).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = socket.next().await {} }).await;
+}
+
+/// Everything between the upgrade and the first frame: readiness, the token, the
+/// per-user limit, the hello. `None` when the socket was closed instead.
+async fn open(
+    shared: &Arc<Shared>,
+    socket: &mut WebSocket,
+    token: Result<String, AuthError>,
+) -> Option<(Arc<App>, Arc<Connection>)> {
     metrics::counter!(metric::WS_CONNECTIONS_TOTAL).increment(1);
     let Some(app) = shared.wait_for_app().await else {
-        close_now(&mut socket, CLOSE_STARTUP).await;
-        return;
+        close_now(socket, CLOSE_STARTUP).await;
+        return None;
     };
     let user = match token.and_then(|t| app.keys.verify(&t, TokenKind::Access)) {
         Ok(user) => user,
@@ -119,116 +137,41 @@ async fn session(shared: Arc<Shared>, mut socket: WebSocket, token: Result<Strin
             };
             let frame = protocol::error_frame(&ProtocolError::new(code, e.to_string()));
             let _ = socket.send(Message::Text(frame.into())).await;
-            close_now(&mut socket, CloseReason { code: 1008, reason }).await;
-            return;
+            close_now(socket, CloseReason { code: 1008, reason }).await;
+            return None;
         }
     };
     let limits = &shared.config.limits;
     let conn_id = format!("c_{}", uuid::Uuid::now_v7().simple());
-    let (conn, queue) = Connection::new(conn_id.clone(), user.id.clone(), limits.send_queue);
+    let conn = Connection::new(conn_id, user.id.clone(), limits.send_queue);
     if app.delivery.registry.register(&conn, limits.connections_per_user).is_err() {
-        close_now(&mut socket, CLOSE_BUSY).await;
-        return;
+        close_now(socket, CLOSE_BUSY).await;
+        return None;
     }
-    let span = tracing::info_span!("conn", conn_id = %conn_id, user_id = %user.id);
     // Recording the user is bookkeeping (no row refers to it), so it stays off the path to
     // the first frame: a connection storm is not a storm of awaited writes.
-    let (store, record_span) = (app.store.clone(), span.clone());
-    let (id, email, name) = (user.id.clone(), user.email.clone(), user.name.clone());
+    let store = app.store.clone();
     app.tasks.spawn(async move {
-        if let Err(e) = store.upsert_user(&id, email.as_deref(), name.as_deref()).await {
-            tracing::warn!(parent: &record_span, error = %e, "could not record the user");
+        if let Err(e) = store.upsert_user(&user.id, user.email.as_deref(), user.name.as_deref()).await {
+            tracing::warn!(user_id = %user.id, error = %e, "could not record the user");
         }
     });
     let hello = protocol::connection_established(
-        &conn_id,
-        &user.id,
+        &conn.id,
+        &conn.user_id,
         limits.heartbeat_interval.as_secs(),
         limits.max_frame_bytes,
     );
     if socket.send(Message::Text(hello.into())).await.is_err() {
         app.delivery.registry.unregister(&conn);
-        return;
+        return None;
     }
-    let (sink, stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, queue, conn.clone(), limits.heartbeat_interval));
-    tracing::Instrument::instrument(read_loop(&app, &shared, &conn, stream), span.clone()).await;
-    app.delivery.registry.unregister(&conn);
-    conn.close(CLOSE_NORMAL);
-    let abort = writer.abort_handle();
-    if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
-        abort.abort();
-    }
-}
-
-/// Writes queued frames, batching whatever is pending into one flush, plus heartbeat
-/// pings; sends the close frame when the connection is asked to close. A write that
-/// blocks (a client that stopped reading) is abandoned the moment a close is decided:
-/// the socket is dropped instead of waiting on a buffer that never drains.
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut queue: mpsc::Receiver<Utf8Bytes>,
-    conn: Arc<Connection>,
-    heartbeat: Duration,
-) {
-    let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    let mut batch = Vec::with_capacity(64);
-    loop {
-        let written = tokio::select! {
-            biased;
-            _ = conn.closing() => break,
-            n = queue.recv_many(&mut batch, 64) => {
-                if n == 0 { break; }
-                metrics::counter!(metric::FRAMES_OUT).increment(n as u64);
-                let write = async {
-                    for text in batch.drain(..) {
-                        sink.feed(Message::Text(text)).await?;
-                    }
-                    sink.flush().await
-                };
-                match finish_unless_stuck(&conn, write).await {
-                    Some(r) => r,
-                    None => return,
-                }
-            }
-            _ = ping.tick() => {
-                match finish_unless_stuck(&conn, sink.send(Message::Ping(Bytes::new()))).await {
-                    Some(r) => r,
-                    None => return,
-                }
-            }
-        };
-        if written.is_err() {
-            conn.close(CLOSE_NORMAL);
-            return;
-        }
-    }
-    // Frames queued before the close still go out, then the close frame, as long as the
-    // client keeps reading.
-    let reason = conn.close_reason().unwrap_or(CLOSE_NORMAL);
-    let finish = async {
-        while let Ok(text) = queue.try_recv() {
-            sink.feed(Message::Text(text)).await?;
-        }
-        let frame = CloseFrame { code: reason.code, reason: Utf8Bytes::from_static(reason.reason) };
-        sink.send(Message::Close(Some(frame))).await
-    };
-    let _ = tokio::time::timeout(CLOSE_GRACE, finish).await;
+    Some((app, conn))
 }
 
 /// How long a write may still take once a close is decided: a client that reads gets its
 /// last frames and the close frame; one that stopped reading is dropped after this.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// Runs a socket write to completion, unless a close is decided while it is blocked and
-/// it then takes longer than [`CLOSE_GRACE`] (`None`: give up on the socket).
-async fn finish_unless_stuck<T>(conn: &Connection, write: impl std::future::Future<Output = T>) -> Option<T> {
-    tokio::pin!(write);
-    tokio::select! {
-        r = &mut write => Some(r),
-        _ = conn.closing() => tokio::time::timeout(CLOSE_GRACE, write).await.ok(),
-    }
-}
 
 /// A fixed-window counter of inbound data frames.
 struct RateWindow {
@@ -249,62 +192,128 @@ impl RateWindow {
     }
 }
 
-async fn read_loop(
-    app: &App,
-    shared: &Shared,
-    conn: &Arc<Connection>,
-    mut stream: futures_util::stream::SplitStream<WebSocket>,
-) {
+/// A frame being handled: the next one is read once it is done, so a connection's
+/// frames are handled in order and a client cannot pile up work.
+type Handling<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// The connection's loop, one task: writes what the outbox holds (everything pending in
+/// one flush), reads and handles frames one at a time, pings on the heartbeat, closes
+/// after the idle timeout or when asked to.
+async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, mut socket: WebSocket) {
     let limits = &shared.config.limits;
     let mut rate =
         RateWindow { limit: limits.rate_limit, window: limits.rate_window, started: Instant::now(), count: 0 };
-    let mut deadline = Instant::now() + limits.idle_timeout;
+    let mut idle_at = Instant::now() + limits.idle_timeout;
+    let mut ping_at = Instant::now() + limits.heartbeat_interval;
+    let mut handling: Option<Handling<'_>> = None;
+    let mut batch = Vec::new();
+    let timer = tokio::time::sleep_until(ping_at.min(idle_at));
+    tokio::pin!(timer);
     loop {
-        let message = tokio::select! {
+        let taken = conn.take(&mut batch);
+        if !batch.is_empty() {
+            metrics::counter!(metric::FRAMES_OUT).increment(batch.len() as u64);
+            let frames = std::mem::take(&mut batch);
+            let write = async {
+                for text in frames {
+                    socket.feed(Message::Text(text)).await?;
+                }
+                socket.flush().await
+            };
+            match write_unless_stuck(conn, write).await {
+                Some(Ok(())) => {}
+                Some(Err(_)) => return,
+                None => return,
+            }
+            continue;
+        }
+        if let Some(reason) = taken.close {
+            close_socket(&mut socket, reason).await;
+            return;
+        }
+        tokio::select! {
             biased;
-            _ = conn.closing() => return,
-            _ = tokio::time::sleep_until(deadline) => { conn.close(CLOSE_IDLE); return; }
-            m = stream.next() => m,
-        };
-        deadline = Instant::now() + limits.idle_timeout;
-        let text = match message {
-            None => return,
-            Some(Err(e)) => {
-                if is_capacity_error(e) {
-                    conn.close(CLOSE_TOO_BIG);
-                } else {
-                    conn.close(CLOSE_NORMAL);
-                }
-                return;
-            }
-            Some(Ok(Message::Close(_))) => return,
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Binary(_))) => None,
-            Some(Ok(Message::Text(t))) => Some(t),
-        };
-        metrics::counter!(metric::FRAMES_IN).increment(1);
-        if !rate.allow() {
-            reply_error(
-                conn,
-                ProtocolError::new(ErrorCode::RateLimited, "too many frames; this one was not processed"),
-            )
-            .await;
-            continue;
-        }
-        let Some(text) = text else {
-            reply_error(conn, ProtocolError::new(ErrorCode::InvalidJson, "binary frames are not part of the protocol"))
-                .await;
-            continue;
-        };
-        match protocol::parse_client_frame(text.as_str()) {
-            Ok(inbound) => {
-                if let Err(mut e) = handle(app, conn, inbound.message).await {
-                    e.reference = inbound.reference;
-                    reply_error(conn, e).await;
+            () = conn.woken() => {}
+            () = async { handling.as_mut().expect("guarded").await }, if handling.is_some() => handling = None,
+            message = socket.next(), if handling.is_none() => {
+                idle_at = Instant::now() + limits.idle_timeout;
+                match inbound(app, conn, &mut rate, message) {
+                    Inbound::Handle(work) => handling = Some(work),
+                    Inbound::Skip => {}
+                    Inbound::Close(reason) => conn.close(reason),
+                    Inbound::Gone => return,
                 }
             }
-            Err(e) => reply_error(conn, e).await,
+            () = &mut timer => {
+                let now = Instant::now();
+                if now >= idle_at {
+                    conn.close(CLOSE_IDLE);
+                } else if now >= ping_at {
+                    ping_at = now + limits.heartbeat_interval;
+                    let ping = socket.send(Message::Ping(Bytes::new()));
+                    if !matches!(write_unless_stuck(conn, ping).await, Some(Ok(()))) {
+                        return;
+                    }
+                }
+            }
         }
+        timer.as_mut().reset(ping_at.min(idle_at));
+    }
+}
+
+/// Runs a socket write to completion, unless a close is decided while it is blocked and
+/// it then takes longer than [`CLOSE_GRACE`] (`None`: give up on the socket).
+async fn write_unless_stuck<T>(conn: &Connection, write: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            r = &mut write => return Some(r),
+            () = conn.woken() => {
+                if conn.close_requested() {
+                    return tokio::time::timeout(CLOSE_GRACE, write).await.ok();
+                }
+            }
+        }
+    }
+}
+
+enum Inbound<'a> {
+    Handle(Handling<'a>),
+    Skip,
+    Close(CloseReason),
+    Gone,
+}
+
+/// What to do about one read from the socket.
+fn inbound<'a>(
+    app: &'a App,
+    conn: &'a Arc<Connection>,
+    rate: &mut RateWindow,
+    message: Option<Result<Message, axum::Error>>,
+) -> Inbound<'a> {
+    let text = match message {
+        None | Some(Ok(Message::Close(_))) => return Inbound::Gone,
+        Some(Err(e)) => return Inbound::Close(if is_capacity_error(e) { CLOSE_TOO_BIG } else { CLOSE_NORMAL }),
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Inbound::Skip,
+        Some(Ok(Message::Binary(_))) => None,
+        Some(Ok(Message::Text(t))) => Some(t),
+    };
+    metrics::counter!(metric::FRAMES_IN).increment(1);
+    let reply = |error: ProtocolError| -> Inbound<'a> { Inbound::Handle(Box::pin(reply_error(conn, error))) };
+    if !rate.allow() {
+        return reply(ProtocolError::new(ErrorCode::RateLimited, "too many frames; this one was not processed"));
+    }
+    let Some(text) = text else {
+        return reply(ProtocolError::new(ErrorCode::InvalidJson, "binary frames are not part of the protocol"));
+    };
+    match protocol::parse_client_frame(text.as_str()) {
+        Ok(inbound) => Inbound::Handle(Box::pin(async move {
+            if let Err(mut e) = handle(app, conn, inbound.message).await {
+                e.reference = inbound.reference;
+                reply_error(conn, e).await;
+            }
+        })),
+        Err(e) => reply(e),
     }
 }
 
