@@ -193,3 +193,45 @@ async fn history_stays_right_when_another_node_writes_the_thread() {
         assert_eq!(history(&here, &thread, 10).await, ["one", "two", "three", "four"], "{backend:?}");
     }
 }
+
+/// Users are recorded from every connection (on SQLite, batched on the writer thread):
+/// a new user is inserted, new claims update the row, absent claims keep stored ones.
+#[tokio::test]
+async fn users_are_recorded_and_their_claims_updated() {
+    use sqlx::Row as _;
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (url, raw) = match backend {
+            Backend::Sqlite => {
+                let path = dir.path().join("netra.db");
+                (DatabaseUrl::Sqlite(path.clone()), format!("sqlite://{}", path.display()))
+            }
+            Backend::Postgres => {
+                let raw = fresh_pg_url().await;
+                (DatabaseUrl::Postgres(Secret::new(raw.clone())), raw)
+            }
+        };
+        let store = Store::connect(&url, Duration::from_secs(10)).await.expect("store connects");
+        let (a, b) = (unique("user"), unique("user"));
+        let (first, second) =
+            tokio::join!(store.upsert_user(&a, Some("a@example.com"), Some("A")), store.upsert_user(&b, None, None));
+        first.expect("a");
+        second.expect("b");
+        store.upsert_user(&a, Some("a2@example.com"), None).await.expect("a again");
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&raw).await.expect("direct connection");
+        let read = |id: String| {
+            let pool = pool.clone();
+            async move {
+                let row = sqlx::query("SELECT email, name FROM users WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("user row");
+                (row.get::<Option<String>, _>(0), row.get::<Option<String>, _>(1))
+            }
+        };
+        assert_eq!(read(a).await, (Some("a2@example.com".into()), Some("A".into())), "{backend:?}");
+        assert_eq!(read(b).await, (None, None), "{backend:?}");
+    }
+}

@@ -91,7 +91,26 @@ pub struct Store {
     writer: Option<sqlite_writer::Writer>,
     owners: Arc<OwnerCache>,
     history: Arc<history::HistoryCache>,
+    /// Users recorded by this node, with the claims they were recorded with.
+    users: Arc<Mutex<HashMap<String, Claims>>>,
 }
+
+/// A user's email and name, as its token gave them.
+type Claims = (Option<String>, Option<String>);
+
+/// A user to record.
+#[derive(Debug)]
+struct NewUser {
+    id: String,
+    email: Option<String>,
+    name: Option<String>,
+    created_at: i64,
+}
+
+/// Inserts a user, or updates the claims it came with (absent claims keep stored ones).
+const UPSERT_USER: &str = "INSERT INTO users (id, email, name, created_at) VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (id) DO UPDATE SET email = COALESCE(excluded.email, users.email), \
+     name = COALESCE(excluded.name, users.name)";
 
 /// The most messages a run reads as its history ([`Store::recent_messages`]).
 pub const HISTORY_DEPTH: usize = 50;
@@ -281,6 +300,7 @@ impl Store {
             writer: None,
             owners: Arc::default(),
             history: Arc::new(history::HistoryCache::new(HISTORY_DEPTH)),
+            users: Arc::default(),
         };
         store.migrate().await?;
         if let DatabaseUrl::Sqlite(path) = url {
@@ -339,19 +359,33 @@ impl Store {
         }
     }
 
+    /// Records a user and the claims it came with. Repeats with the same claims cost
+    /// nothing; on SQLite, users recorded together are one transaction on the writer.
     #[instrument(skip_all, fields(user_id))]
     pub async fn upsert_user(&self, user_id: &str, email: Option<&str>, name: Option<&str>) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO users (id, email, name, created_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO UPDATE SET email = COALESCE(excluded.email, users.email), \
-             name = COALESCE(excluded.name, users.name)",
-        )
-        .bind(user_id)
-        .bind(email)
-        .bind(name)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+        let claims = (email.map(str::to_string), name.map(str::to_string));
+        if self.users.lock().expect("users lock is never held across a panic").get(user_id) == Some(&claims) {
+            return Ok(());
+        }
+        let user =
+            NewUser { id: user_id.to_string(), email: claims.0.clone(), name: claims.1.clone(), created_at: now_ms() };
+        match &self.writer {
+            Some(writer) => writer.upsert_user(user).await?,
+            None => {
+                sqlx::query(UPSERT_USER)
+                    .bind(&user.id)
+                    .bind(&user.email)
+                    .bind(&user.name)
+                    .bind(user.created_at)
+                    .execute(&self.pool)
+                    .await?;
+            }
+        }
+        let mut users = self.users.lock().expect("users lock is never held across a panic");
+        if users.len() >= OWNER_CACHE_MAX {
+            users.clear();
+        }
+        users.insert(user_id.to_string(), claims);
         Ok(())
     }
 

@@ -21,7 +21,9 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::{Backend, Batch, Message, RECENT_MESSAGES, Result, Row, SQLITE_PRAGMAS, StoreError, WriteJob};
+use super::{
+    Backend, Batch, Message, NewUser, RECENT_MESSAGES, Result, Row, SQLITE_PRAGMAS, StoreError, UPSERT_USER, WriteJob,
+};
 
 /// Prepared statements kept: the writer uses a handful, each for one row.
 const STATEMENT_CACHE: usize = 16;
@@ -93,6 +95,11 @@ enum Request {
         now: i64,
         reply: oneshot::Sender<Result<Vec<i64>>>,
     },
+    /// A user seen with these claims; users queued together are one transaction.
+    User {
+        user: NewUser,
+        reply: oneshot::Sender<Result<()>>,
+    },
     /// The run's history: read here, on the connection that just wrote it, instead of
     /// across sqlx's reader threads row by row on a page cache the writer invalidated.
     Recent {
@@ -143,6 +150,13 @@ impl Writer {
         answer.await.map_err(|_| stopped())?
     }
 
+    /// Records a user (insert, or update the claims it came with).
+    pub(super) async fn upsert_user(&self, user: NewUser) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.requests.send(Request::User { user, reply }).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
     /// The last `limit` messages of a thread, newest first, and the thread's `last_seq`
     /// as of that read (`None` when it has no message).
     pub(super) async fn recent(&self, thread_id: &str, limit: i64) -> Result<(Vec<Message>, Option<i64>)> {
@@ -176,7 +190,8 @@ fn open(path: &Path, pragmas: &[&str]) -> Result<Connection> {
 /// Runs batches until every [`Writer`] is dropped. A batch that fails, even by a panic,
 /// is rolled back and answered with its error; the thread goes on with the next.
 fn serve(mut conn: Connection, inbox: &mpsc::Receiver<Request>, nudge: &mpsc::SyncSender<()>) {
-    while let Ok(request) = inbox.recv() {
+    let mut next = inbox.recv().ok();
+    while let Some(request) = next.take() {
         match request {
             Request::Write { jobs, now, reply } => {
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| write(&mut conn, &jobs, now)))
@@ -185,13 +200,52 @@ fn serve(mut conn: Connection, inbox: &mpsc::Receiver<Request>, nudge: &mpsc::Sy
                 // Full means a nudge is already waiting.
                 let _ = nudge.try_send(());
             }
+            Request::User { user, reply } => {
+                // A connection storm is a storm of new users: whoever is queued behind this
+                // one goes into the same transaction.
+                let mut users = vec![(user, reply)];
+                loop {
+                    match inbox.try_recv() {
+                        Ok(Request::User { user, reply }) => users.push((user, reply)),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| upsert_users(&mut conn, &users)))
+                    .unwrap_or_else(|_| Err(panicked()));
+                for (_, reply) in users {
+                    let _ = reply.send(match &result {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(StoreError::Rejected(e.to_string().into())),
+                    });
+                }
+                let _ = nudge.try_send(());
+            }
             Request::Recent { thread_id, limit, reply } => {
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| recent(&conn, &thread_id, limit)))
                     .unwrap_or_else(|_| Err(panicked()));
                 let _ = reply.send(result);
             }
         }
+        if next.is_none() {
+            next = inbox.recv().ok();
+        }
     }
+}
+
+fn upsert_users(conn: &mut Connection, users: &[(NewUser, oneshot::Sender<Result<()>>)]) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut upsert = tx.prepare_cached(UPSERT_USER)?;
+        for (user, _) in users {
+            upsert.execute(rusqlite::params![user.id, user.email, user.name, user.created_at])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 fn recent(conn: &Connection, thread_id: &str, limit: i64) -> Result<(Vec<Message>, Option<i64>)> {
