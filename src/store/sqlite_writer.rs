@@ -42,17 +42,23 @@ const WRITER_PRAGMAS: &[&str] = &["PRAGMA wal_autocheckpoint = 0", "PRAGMA journ
 /// and one checkpoint copies each of them once.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
-/// Passive checkpoints in a row while the writer keeps adding frames. The WAL starts
-/// over from its beginning (instead of growing, with every page lookup and checkpoint
-/// paying for its length) at the first commit after a checkpoint that caught up with
-/// it; each round only has the frames written during the previous one to copy, so one
-/// usually catches up in a pause between two of the writer's batches.
-const CATCH_UP_ROUNDS: usize = 8;
+/// WAL frames past which the checkpointer also restarts the log. A passive checkpoint
+/// never waits for the writer, and the WAL only starts over from its beginning when a
+/// transaction begins while every frame is copied back, which a writer that never
+/// pauses does not give it: the WAL grew past a gigabyte in a 4 s `wsload chat`, with
+/// every new frame extending the file. Past this size a RESTART checkpoint holds the
+/// writer back for what the passive one before it has not copied yet, and the next
+/// commit writes from the start of the file again (~64 MiB with 4 KiB pages).
+const WAL_RESTART_FRAMES: i64 = 16384;
 
-/// WAL frames past which the checkpointer, still behind after its passive rounds, holds
-/// the writer back (a RESTART checkpoint) to let the log start over: the bound on the
-/// WAL's size under a writer that never pauses.
-const WAL_RESTART_FRAMES: i64 = 65536;
+/// The writer's busy handler: when the lock it needs is held (a RESTART checkpoint,
+/// another process), it retries every 100 µs for up to 5 s. SQLite's own handler sleeps
+/// 1, 2, 5, 10 … ms between tries, which turned a 3 ms checkpoint into a 20 ms stall
+/// of every event in flight.
+fn wait_briefly(attempts: i32) -> bool {
+    std::thread::sleep(Duration::from_micros(100));
+    attempts < 50_000
+}
 
 /// Copies committed WAL frames back into the database after each burst of commits,
 /// until the writer thread stops.
@@ -67,15 +73,7 @@ fn checkpointer(conn: &Connection, nudges: &mpsc::Receiver<()>) {
 }
 
 fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
-    let mut frames = 0;
-    for _ in 0..CATCH_UP_ROUNDS {
-        let (log, copied): (i64, i64) =
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| Ok((row.get(1)?, row.get(2)?)))?;
-        if copied >= log {
-            return Ok(());
-        }
-        frames = log;
-    }
+    let frames: i64 = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))?;
     if frames >= WAL_RESTART_FRAMES {
         conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
     }
@@ -119,6 +117,7 @@ impl Writer {
             .name("netra-sqlite-writer".into())
             .spawn(move || {
                 let opened = open(&path, WRITER_PRAGMAS).and_then(|writer| {
+                    writer.busy_handler(Some(wait_briefly))?;
                     let checkpoints = open(&path, &[])?;
                     let (nudge, nudges) = mpsc::sync_channel(1);
                     std::thread::Builder::new()
