@@ -26,7 +26,7 @@ use crate::{App, Shared};
 
 /// Bytes read from a socket at a time, and the read buffer an idle connection keeps.
 /// Chat frames are a few hundred bytes; a larger frame grows the buffer while it is read.
-const READ_BUFFER: usize = 512;
+const READ_BUFFER: usize = 256;
 
 const CLOSE_NORMAL: CloseReason = CloseReason { code: 1000, reason: "" };
 const CLOSE_IDLE: CloseReason = CloseReason { code: 1001, reason: "idle timeout" };
@@ -89,17 +89,20 @@ pub(crate) async fn upgrade(
     if offered.iter().any(|p| p == "jwt-auth") {
         ws = ws.protocols(["jwt-auth"]);
     }
-    ws.on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed")).on_upgrade(
-        move |mut socket| async move {
-            let _tracked = shared.connections.token();
-            // The connection's one task holds the socket and little else while idle; the
-            // steps before the loop, and each frame's handling, live in boxes of their own.
-            let Some((app, conn)) = Box::pin(open(&shared, &mut socket, token)).await else { return };
-            serve(&app, &shared, &conn, socket).await;
-            app.delivery.registry.unregister(&conn);
-            conn.finish();
-        },
-    )
+    // The socket goes straight into a box: a value moved from one async frame into
+    // another keeps its slot in both, and an idle connection is mostly its task's frames.
+    ws.on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
+        .on_upgrade(move |socket| Box::pin(session(shared, Box::new(socket), token)))
+}
+
+/// One connection's task. It holds the socket and little else while idle: the steps
+/// before the loop, each frame's handling and each write live in boxes of their own.
+async fn session(shared: Arc<Shared>, mut socket: Box<WebSocket>, token: Result<String, AuthError>) {
+    let _tracked = shared.connections.token();
+    let Some((app, conn)) = Box::pin(open(&shared, &mut socket, token)).await else { return };
+    serve(&app, &shared, &conn, &mut socket).await;
+    app.delivery.registry.unregister(&conn);
+    conn.finish();
 }
 
 async fn close_now(socket: &mut WebSocket, reason: CloseReason) {
@@ -199,7 +202,7 @@ type Handling<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Sen
 /// The connection's loop, one task: writes what the outbox holds (everything pending in
 /// one flush), reads and handles frames one at a time, pings on the heartbeat, closes
 /// after the idle timeout or when asked to.
-async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, mut socket: WebSocket) {
+async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut WebSocket) {
     let limits = &shared.config.limits;
     let mut rate =
         RateWindow { limit: limits.rate_limit, window: limits.rate_window, started: Instant::now(), count: 0 };
@@ -220,7 +223,8 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, mut socket: W
                 }
                 socket.flush().await
             };
-            match write_unless_stuck(conn, write).await {
+            // Boxed, like every step but the wait itself: the idle task stays small.
+            match Box::pin(write_unless_stuck(conn, write)).await {
                 Some(Ok(())) => {}
                 Some(Err(_)) => return,
                 None => return,
@@ -228,7 +232,7 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, mut socket: W
             continue;
         }
         if let Some(reason) = taken.close {
-            close_socket(&mut socket, reason).await;
+            Box::pin(close_socket(socket, reason)).await;
             return;
         }
         tokio::select! {
@@ -251,7 +255,7 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, mut socket: W
                 } else if now >= ping_at {
                     ping_at = now + limits.heartbeat_interval;
                     let ping = socket.send(Message::Ping(Bytes::new()));
-                    if !matches!(write_unless_stuck(conn, ping).await, Some(Ok(()))) {
+                    if !matches!(Box::pin(write_unless_stuck(conn, ping)).await, Some(Ok(()))) {
                         return;
                     }
                 }
