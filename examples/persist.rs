@@ -114,6 +114,7 @@ async fn main() {
             latencies.extend(t.await.expect("producer"));
         }
         let elapsed = started.elapsed();
+        store.close().await.expect("checkpoint");
         latencies.sort();
         let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
         let events = latencies.len();

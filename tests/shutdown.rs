@@ -60,6 +60,12 @@ async fn sigterm_mid_run_cancels_it_persisted_and_closes_1012() {
     assert_eq!(closed, restart(), "frames before the close: {:?}", types(&rest));
     assert!(!types(&rest).iter().any(|k| k == "final_report"), "no final_report after a cancel: {rest:?}");
     assert_eq!(server.wait_exit().await, Some(0), "stderr:\n{}", server.stderr());
+    // A clean stop leaves no SQLite WAL for the next start to replay.
+    let wal = dir.path().join("netra.db-wal");
+    if dir.path().join("netra.db").exists() {
+        let len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(len, 0, "the WAL was left with {len} bytes");
+    }
 
     // The cancellation was persisted: a restarted server replays it with the same seq.
     let again = Spawn::new().data_dir(dir.path().to_path_buf()).secret(&secret).ready().await;

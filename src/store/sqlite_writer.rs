@@ -98,6 +98,10 @@ enum Request {
         user: NewUser,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Copy the whole WAL back and truncate it (at shutdown).
+    Checkpoint {
+        reply: oneshot::Sender<Result<()>>,
+    },
     /// The run's history: read here, on the connection that just wrote it, instead of
     /// across sqlx's reader threads row by row on a page cache the writer invalidated.
     Recent {
@@ -146,6 +150,14 @@ impl Writer {
     pub(super) async fn write(&self, jobs: Arc<[WriteJob]>, now: i64) -> Result<Vec<i64>> {
         let (reply, answer) = oneshot::channel();
         self.requests.send(Request::Write { jobs, now, reply }).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Copies the whole WAL back into the database and truncates it, so the next start
+    /// has nothing to recover.
+    pub(super) async fn checkpoint(&self) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.requests.send(Request::Checkpoint { reply }).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 
@@ -222,6 +234,10 @@ fn serve(mut conn: Connection, inbox: &mpsc::Receiver<Request>, nudge: &mpsc::Sy
                     });
                 }
                 let _ = nudge.try_send(());
+            }
+            Request::Checkpoint { reply } => {
+                let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(Into::into);
+                let _ = reply.send(result);
             }
             Request::Recent { thread_id, limit, reply } => {
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| recent(&conn, &thread_id, limit)))
