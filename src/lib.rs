@@ -211,10 +211,10 @@ pub async fn serve(
     if tokio::time::timeout(Duration::from_secs(5), shared.connections.wait()).await.is_err() {
         tracing::warn!("some sockets did not close within 5 s");
     }
-    if let Some(app) = shared.app_now() {
-        if let Err(e) = app.store.close().await {
-            tracing::warn!(error = %e, "could not checkpoint the database at shutdown");
-        }
+    if let Some(app) = shared.app_now()
+        && let Err(e) = app.store.close().await
+    {
+        tracing::warn!(error = %e, "could not checkpoint the database at shutdown");
     }
     background.cancel();
     stop_http.cancel();
