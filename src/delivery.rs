@@ -8,7 +8,7 @@
 //! queue with `try_send`; a connection whose queue is full is closed (1013) and counted,
 //! and its client catches up from the store by `seq`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -319,11 +319,32 @@ pub enum DeliveryError {
     Store(#[from] StoreError),
     #[error("the writer has stopped")]
     Stopped,
+    #[error("an earlier write of this run failed")]
+    EarlierWriteFailed,
 }
 
 struct Pending {
     job: WriteJob,
     waiter: Waiter,
+    chain: Option<Chain>,
+}
+
+/// How a job belongs to a run's sequence of writes, which a producer submits without
+/// waiting for each commit (see [`Delivery::submit_in`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Written only if no earlier write of the run failed; a failure breaks the chain.
+    Next,
+    /// The run's last write: written only if the chain is intact, and it closes it.
+    Last,
+    /// Ends the chain whatever happened before it (a failure or cancellation ending).
+    Close,
+}
+
+#[derive(Debug, Clone)]
+struct Chain {
+    run_id: Arc<str>,
+    link: Link,
 }
 
 /// Who is told about a job's commit, and whose connections get its events.
@@ -384,9 +405,28 @@ impl Delivery {
     /// the order they are submitted, so a producer may keep several in flight (a run
     /// streaming events) and they still commit, and publish, in order.
     pub async fn submit(&self, job: WriteJob, owner: &str) -> Result<InFlight, DeliveryError> {
+        self.enqueue(job, owner, None).await
+    }
+
+    /// [`Delivery::submit`] as a link of run `run_id`'s chain of writes: once one of them
+    /// fails, its later [`Link::Next`] and [`Link::Last`] writes are refused
+    /// ([`DeliveryError::EarlierWriteFailed`]) instead of written, in submission order. A
+    /// run can so submit its completion right behind its events, in the same commit, and
+    /// still never be recorded as completed with an event missing.
+    pub async fn submit_in(
+        &self,
+        run_id: &Arc<str>,
+        link: Link,
+        job: WriteJob,
+        owner: &str,
+    ) -> Result<InFlight, DeliveryError> {
+        self.enqueue(job, owner, Some(Chain { run_id: run_id.clone(), link })).await
+    }
+
+    async fn enqueue(&self, job: WriteJob, owner: &str, chain: Option<Chain>) -> Result<InFlight, DeliveryError> {
         let (reply, rx) = oneshot::channel();
-        let pending = Pending { job, waiter: Waiter { owner: owner.to_string(), queued_at: Instant::now(), reply } };
-        self.writer.send(pending).await.map_err(|_| DeliveryError::Stopped)?;
+        let waiter = Waiter { owner: owner.to_string(), queued_at: Instant::now(), reply };
+        self.writer.send(Pending { job, waiter, chain }).await.map_err(|_| DeliveryError::Stopped)?;
         Ok(InFlight(rx))
     }
 
@@ -436,37 +476,83 @@ impl Delivery {
 
 async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mpsc::Receiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    // Runs whose chain of writes is broken, until their last write comes by.
+    let mut broken: HashSet<Arc<str>> = HashSet::new();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         metrics::histogram!(metric::STORE_BATCH_JOBS).record(batch.len() as f64);
+        let mut jobs = Vec::with_capacity(batch.len());
+        let mut waiters = Vec::with_capacity(batch.len());
+        for Pending { job, waiter, chain } in batch.drain(..) {
+            if let Some(chain) = &chain
+                && refused(&mut broken, chain)
+            {
+                let _ = waiter.reply.send(Err(DeliveryError::EarlierWriteFailed));
+                continue;
+            }
+            jobs.push(job);
+            waiters.push((waiter, chain));
+        }
+        if jobs.is_empty() {
+            continue;
+        }
         // The jobs move out of their envelopes into one shared slice: no copy of any payload.
-        let (jobs, waiters): (Vec<WriteJob>, Vec<Waiter>) = batch.drain(..).map(|p| (p.job, p.waiter)).unzip();
         let jobs: Arc<[WriteJob]> = jobs.into();
         match store.write_batch(&jobs).await {
             Ok(firsts) => {
-                for ((job, waiter), first) in jobs.iter().zip(waiters).zip(firsts) {
+                for ((job, (waiter, _)), first) in jobs.iter().zip(waiters).zip(firsts) {
                     publish(&registry, job, waiter, first);
                 }
             }
             Err(e) if jobs.len() == 1 => {
                 tracing::warn!(error = %e, "event write failed");
-                if let Some(waiter) = waiters.into_iter().next() {
+                if let Some((waiter, chain)) = waiters.into_iter().next() {
+                    break_chain(&mut broken, chain.as_ref());
                     let _ = waiter.reply.send(Err(e.into()));
                 }
             }
             Err(e) => {
                 // One bad job must not fail its neighbours: write each on its own.
                 tracing::warn!(error = %e, jobs = jobs.len(), "batch write failed; retrying jobs one by one");
-                for (job, waiter) in jobs.iter().zip(waiters) {
+                for (job, (waiter, chain)) in jobs.iter().zip(waiters) {
+                    if let Some(chain) = &chain
+                        && refused(&mut broken, chain)
+                    {
+                        let _ = waiter.reply.send(Err(DeliveryError::EarlierWriteFailed));
+                        continue;
+                    }
                     let single: Arc<[WriteJob]> = Arc::new([job.clone()]);
                     match store.write_batch(&single).await {
                         Ok(firsts) => publish(&registry, job, waiter, firsts[0]),
                         Err(e) => {
+                            break_chain(&mut broken, chain.as_ref());
                             let _ = waiter.reply.send(Err(e.into()));
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// Whether a chained job is refused because its run's chain is broken; a run's last
+/// write (refused or not) forgets the chain.
+fn refused(broken: &mut HashSet<Arc<str>>, chain: &Chain) -> bool {
+    match chain.link {
+        Link::Next => broken.contains(&chain.run_id),
+        Link::Last => broken.remove(&chain.run_id),
+        Link::Close => {
+            broken.remove(&chain.run_id);
+            false
+        }
+    }
+}
+
+/// A chained job failed: its run's later links are refused.
+fn break_chain(broken: &mut HashSet<Arc<str>>, chain: Option<&Chain>) {
+    if let Some(chain) = chain
+        && chain.link == Link::Next
+    {
+        broken.insert(chain.run_id.clone());
     }
 }
 

@@ -235,3 +235,39 @@ async fn users_are_recorded_and_their_claims_updated() {
         assert_eq!(read(b).await, (None, None), "{backend:?}");
     }
 }
+
+/// A run submits its writes without waiting for each commit; once one of them fails,
+/// its later writes are refused in order, and only a closing write gets through.
+#[tokio::test]
+async fn a_failed_write_breaks_its_runs_chain() {
+    use netra::delivery::{Delivery, DeliveryError, Link};
+    use std::sync::Arc;
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(backend, &dir).await;
+        let tracker = tokio_util::task::TaskTracker::new();
+        let delivery = Delivery::start(store.clone(), 100, &tracker);
+        let thread = unique("th");
+        delivery.commit(new_thread_job(&thread, "u"), "u").await.expect("create");
+        let (run, other): (Arc<str>, Arc<str>) = (Arc::from("run_a"), Arc::from("run_b"));
+        let missing = unique("th-missing");
+        // All submitted before any commit is awaited, as a run does.
+        let first = delivery.submit_in(&run, Link::Next, append_job(&thread, 1), "u").await.expect("submit");
+        let failing = delivery.submit_in(&run, Link::Next, append_job(&missing, 1), "u").await.expect("submit");
+        let after = delivery.submit_in(&run, Link::Next, append_job(&thread, 1), "u").await.expect("submit");
+        let last = delivery.submit_in(&run, Link::Last, append_job(&thread, 1), "u").await.expect("submit");
+        let unrelated = delivery.submit_in(&other, Link::Last, append_job(&thread, 1), "u").await.expect("submit");
+        let close = delivery.submit_in(&run, Link::Close, append_job(&thread, 2), "u").await.expect("submit");
+        assert_eq!(first.wait().await.expect("first"), 2, "{backend:?}");
+        assert!(matches!(failing.wait().await, Err(DeliveryError::Store(StoreError::NotFound))), "{backend:?}");
+        assert!(matches!(after.wait().await, Err(DeliveryError::EarlierWriteFailed)), "{backend:?}");
+        assert!(matches!(last.wait().await, Err(DeliveryError::EarlierWriteFailed)), "{backend:?}");
+        assert_eq!(unrelated.wait().await.expect("another run is not affected"), 3, "{backend:?}");
+        assert_eq!(close.wait().await.expect("a closing write goes through"), 4, "{backend:?}");
+        // The chain is over: the run id may be used again.
+        let again = delivery.submit_in(&run, Link::Last, append_job(&thread, 1), "u").await.expect("submit");
+        assert_eq!(again.wait().await.expect("a new chain"), 6, "{backend:?}");
+        let seqs: Vec<u64> = store.events_after(&thread, 0, 100).await.expect("read").iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6], "{backend:?}");
+    }
+}

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 pub use builtin::Builtin;
 pub use openai::{ClientError, OpenAi, UpstreamError};
 
-use crate::delivery::{Delivery, DeliveryError, InFlight};
+use crate::delivery::{Delivery, DeliveryError, InFlight, Link};
 use crate::protocol::{EventType, now_rfc3339};
 use crate::store::{Message, NewEvent, Row, Store, StoreError, WriteJob};
 use crate::telemetry::metric;
@@ -109,6 +109,8 @@ impl RunFailure {
 /// What a provider sees of the run it works on.
 pub struct RunContext {
     pub run_id: String,
+    /// `run_id`, shared with every write of the run's chain (see [`Link`]).
+    run_key: Arc<str>,
     pub thread_id: String,
     pub owner: String,
     pub text: String,
@@ -132,7 +134,7 @@ impl RunContext {
             rows: Vec::new(),
             events: vec![run_event(kind, &self.run_id, &payload)],
         };
-        let in_flight = self.delivery.submit(job, &self.owner).await?;
+        let in_flight = self.delivery.submit_in(&self.run_key, Link::Next, job, &self.owner).await?;
         self.in_flight().push(in_flight);
         Ok(())
     }
@@ -367,6 +369,7 @@ impl Supervisor {
         let started = RunStarted { run_id: run_id.clone(), thread_id: thread_id.clone() };
         let this = self.clone();
         let ctx = RunContext {
+            run_key: Arc::from(run_id.as_str()),
             run_id,
             thread_id,
             owner: user_id.to_string(),
@@ -392,17 +395,55 @@ impl Supervisor {
             biased;
             _ = cancel.cancelled() => Ending::Cancelled,
             r = tokio::time::timeout(self.inner.deadline, work) => match r {
-                // A completed answer counts only once every event before it is stored.
-                Ok(Ok(answer)) => match ctx.settle().await {
-                    Ok(()) => Ending::Completed(answer),
-                    Err(e) => Ending::Failed(e.into()),
-                },
+                Ok(Ok(answer)) => Ending::Completed(answer),
                 Ok(Err(failure)) => Ending::Failed(failure),
                 Err(_) => Ending::TimedOut,
             },
         };
         let elapsed_ms = started.elapsed().as_millis() as u64;
-        let (status, job) = match &ending {
+        let status = self.record_ending(&ctx, ending, elapsed_ms).await;
+        metrics::counter!(metric::RUNS, "outcome" => status).increment(1);
+        metrics::gauge!(metric::RUNS_ACTIVE).decrement(1.0);
+        self.runs().remove(&ctx.run_id);
+    }
+
+    /// Persists how the run ended and returns the status recorded. A completion is
+    /// submitted right behind the run's events, as the last link of its chain, so they
+    /// usually share one commit; if any of them failed, delivery refuses the completion
+    /// and the run is recorded as failed instead: a completed answer counts only once
+    /// every event before it is stored.
+    async fn record_ending(&self, ctx: &RunContext, ending: Ending, elapsed_ms: u64) -> &'static str {
+        let ending = match ending {
+            Ending::Completed(answer) => {
+                let (status, job) = self.ending_job(ctx, &Ending::Completed(answer), elapsed_ms);
+                let end = self.inner.delivery.submit_in(&ctx.run_key, Link::Last, job, &ctx.owner).await;
+                let settled = ctx.settle().await;
+                let recorded = match (settled, end) {
+                    (Ok(()), Ok(end)) => end.wait().await.map(|_| ()),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                };
+                match recorded {
+                    Ok(()) => return status,
+                    Err(e) => Ending::Failed(e.into()),
+                }
+            }
+            other => other,
+        };
+        let (status, job) = self.ending_job(ctx, &ending, elapsed_ms);
+        let recorded = match self.inner.delivery.submit_in(&ctx.run_key, Link::Close, job, &ctx.owner).await {
+            Ok(end) => end.wait().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = recorded {
+            // The run stays marked running and is closed as interrupted at next start.
+            tracing::error!(error = %e, status, "could not record the end of a run");
+        }
+        status
+    }
+
+    /// The status and the final write of a run that ended this way.
+    fn ending_job(&self, ctx: &RunContext, ending: &Ending, elapsed_ms: u64) -> (&'static str, WriteJob) {
+        match &ending {
             Ending::Completed(answer) => {
                 let metrics = match answer.usage {
                     Some(u) => json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens}),
@@ -454,14 +495,7 @@ impl Supervisor {
                 let error = failure.to_string();
                 ("failed", ending_job(&ctx.thread_id, &ctx.run_id, "failed", events, Some(&error), None))
             }
-        };
-        if let Err(e) = self.inner.delivery.commit(job, &ctx.owner).await {
-            // The run stays marked running and is closed as interrupted at next start.
-            tracing::error!(error = %e, status, "could not record the end of a run");
         }
-        metrics::counter!(metric::RUNS, "outcome" => status).increment(1);
-        metrics::gauge!(metric::RUNS_ACTIVE).decrement(1.0);
-        self.runs().remove(&ctx.run_id);
     }
 
     /// Cancels the user's runs named by `run_id`, or in `thread_id`, or all of them.
