@@ -89,6 +89,8 @@ pub struct Store {
     backend: Backend,
     /// On SQLite, the thread that runs [`Store::write_batch`].
     writer: Option<sqlite_writer::Writer>,
+    /// On PostgreSQL, the task that records users in batches.
+    user_queue: Option<tokio::sync::mpsc::Sender<UserRequest>>,
     owners: Arc<OwnerCache>,
     history: Arc<history::HistoryCache>,
     /// Users recorded by this node, with the claims they were recorded with.
@@ -107,10 +109,57 @@ struct NewUser {
     created_at: i64,
 }
 
-/// Inserts a user, or updates the claims it came with (absent claims keep stored ones).
-const UPSERT_USER: &str = "INSERT INTO users (id, email, name, created_at) VALUES ($1, $2, $3, $4) \
-     ON CONFLICT (id) DO UPDATE SET email = COALESCE(excluded.email, users.email), \
-     name = COALESCE(excluded.name, users.name)";
+/// What recording a user who exists already does: absent claims keep stored ones.
+macro_rules! user_conflict {
+    () => {
+        " ON CONFLICT (id) DO UPDATE SET email = COALESCE(excluded.email, users.email), \
+         name = COALESCE(excluded.name, users.name)"
+    };
+}
+
+/// Inserts a user, or updates the claims it came with.
+const UPSERT_USER: &str =
+    concat!("INSERT INTO users (id, email, name, created_at) VALUES ($1, $2, $3, $4)", user_conflict!());
+
+/// A user to record and who waits for it.
+type UserRequest = (NewUser, tokio::sync::oneshot::Sender<Result<()>>);
+
+/// PostgreSQL's user recorder: every user queued goes into one statement, so a storm of
+/// new connections is not a storm of round trips. Ends when every [`Store`] is dropped.
+async fn record_users(pool: AnyPool, mut requests: tokio::sync::mpsc::Receiver<UserRequest>) {
+    let mut batch = Vec::new();
+    while requests.recv_many(&mut batch, 500).await > 0 {
+        let result = {
+            // One row per user: one statement may not update a row twice. The last claims win.
+            let mut index: HashMap<&str, usize> = HashMap::new();
+            let mut rows: Vec<&NewUser> = Vec::new();
+            for (user, _) in &batch {
+                match index.get(user.id.as_str()) {
+                    Some(&i) => rows[i] = user,
+                    None => {
+                        index.insert(&user.id, rows.len());
+                        rows.push(user);
+                    }
+                }
+            }
+            let mut ph = Placeholders::new(Backend::Postgres);
+            let values: Vec<String> = rows.iter().map(|_| ph.row(4)).collect();
+            let sql = format!(
+                "INSERT INTO users (id, email, name, created_at) VALUES {}{}",
+                values.join(", "),
+                user_conflict!()
+            );
+            let mut query = sqlx::query(&sql);
+            for user in &rows {
+                query = query.bind(&user.id).bind(&user.email).bind(&user.name).bind(user.created_at);
+            }
+            query.execute(&pool).await.map(|_| ()).map_err(|e| e.to_string())
+        };
+        for (_, reply) in batch.drain(..) {
+            let _ = reply.send(result.clone().map_err(|e| StoreError::Rejected(e.into())));
+        }
+    }
+}
 
 /// The most messages a run reads as its history ([`Store::recent_messages`]).
 pub const HISTORY_DEPTH: usize = 50;
@@ -298,13 +347,19 @@ impl Store {
             pool,
             backend,
             writer: None,
+            user_queue: None,
             owners: Arc::default(),
             history: Arc::new(history::HistoryCache::new(HISTORY_DEPTH)),
             users: Arc::default(),
         };
         store.migrate().await?;
-        if let DatabaseUrl::Sqlite(path) = url {
-            store.writer = Some(sqlite_writer::Writer::start(path).await?);
+        match url {
+            DatabaseUrl::Sqlite(path) => store.writer = Some(sqlite_writer::Writer::start(path).await?),
+            DatabaseUrl::Postgres(_) => {
+                let (queue, requests) = tokio::sync::mpsc::channel(4096);
+                tokio::spawn(record_users(store.pool.clone(), requests));
+                store.user_queue = Some(queue);
+            }
         }
         Ok(store)
     }
@@ -378,9 +433,15 @@ impl Store {
         }
         let user =
             NewUser { id: user_id.to_string(), email: claims.0.clone(), name: claims.1.clone(), created_at: now_ms() };
-        match &self.writer {
-            Some(writer) => writer.upsert_user(user).await?,
-            None => {
+        match (&self.writer, &self.user_queue) {
+            (Some(writer), _) => writer.upsert_user(user).await?,
+            (None, Some(queue)) => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let stopped = || StoreError::Unavailable("the user recorder stopped".into());
+                queue.send((user, reply)).await.map_err(|_| stopped())?;
+                answer.await.map_err(|_| stopped())??;
+            }
+            (None, None) => {
                 sqlx::query(UPSERT_USER)
                     .bind(&user.id)
                     .bind(&user.email)
