@@ -58,8 +58,61 @@ def ratios(rows):
     return "\n".join(lines)
 
 
+def num(v):
+    return v if isinstance(v, (int, float)) else None
+
+
+def targets(rows, own_path):
+    """Each target of #12 with what this run measured, met or missed."""
+    persist = {}
+    with open(own_path) as f:
+        for line in f:
+            if line.strip().startswith("{"):
+                r = json.loads(line)
+                if r.get("scenario") == "persist":
+                    key = r["backend"]
+                    persist[key] = max(persist.get(key, 0), r["events_per_s"])
+    lines = ["| target | netra | netra-pg | met |", "|---|---|---|---|"]
+
+    def get(label, scen, path):
+        return num(dig(rows.get(label, {}).get(scen), path))
+
+    def row(name, path, scen, ok):
+        a, b = get("netra", scen, path), get("netra-pg", scen, path)
+        met = [ok(v) for v in (a, b) if v is not None]
+        verdict = "yes" if met and all(met) else ("netra only" if met and met[0] else "no")
+        lines.append(f"| {name} | {a if a is not None else '—'} | {b if b is not None else '—'} | {verdict} |")
+
+    axum_cpu = get("axum-bare", "chat", ("server_cpu_us_per_msg",))
+    fastapi_cpu = get("fastapi", "chat", ("server_cpu_us_per_msg",))
+    row("exec → ready median ≤ 30 ms", ("exec_to_ready_ms", "median"), "ready", lambda v: v <= 30)
+    if axum_cpu and fastapi_cpu:
+        limit = min(axum_cpu, fastapi_cpu / 5)
+        row(f"chat server CPU per message ≤ axum-bare's ({axum_cpu}) and ≤ FastAPI's / 5 ({fastapi_cpu / 5:.1f}) µs",
+            ("server_cpu_us_per_msg",), "chat", lambda v: v <= limit)
+    row("RSS per idle connection ≤ 4 KiB", ("rss_kib_per_conn",), "connect", lambda v: v <= 4)
+    row("connect → first frame p99 ≤ 30 ms (10k storm)", ("connect_to_first_frame", "p99"), "connect", lambda v: v <= 30)
+    row("chat p99 to final_report ≤ 5 ms (C=100)", ("to_final_report", "p99"), "chat", lambda v: v <= 5)
+    row("fanout p99, each event at each tab ≤ 3 ms", ("delivery_each_event", "p99"), "fanout", lambda v: v <= 3)
+    sq, pg = persist.get("sqlite"), persist.get("postgres")
+    ok = [sq is not None and sq >= 100_000, pg is not None and pg >= 30_000]
+    lines.append(f"| persisted events/s ≥ 100k SQLite, ≥ 30k PostgreSQL (best of the persist rows) | {sq} | {pg} | "
+                 f"{'yes' if all(ok) else ('PostgreSQL only' if ok[1] else ('SQLite only' if ok[0] else 'no'))} |")
+    faults = 0
+    for label in ("netra", "netra-pg"):
+        chat = rows.get(label, {}).get("chat", {})
+        fan = rows.get(label, {}).get("fanout", {})
+        for k in ("errors", "failed_runs", "timeouts", "missing_events", "out_of_order_runs", "duplicate_events"):
+            faults += chat.get(k, 0) or 0
+        for k in ("lost_events", "duplicate_events", "out_of_order_runs", "error_frames"):
+            faults += fan.get(k, 0) or 0
+    lines.append(f"| zero errors, lost, duplicated, out-of-order events | {faults} in all | | {'yes' if faults == 0 else 'no'} |")
+    return "\n".join(lines)
+
+
 def own(path):
-    persist = ["| backend | producers | events/s | commit p50 µs | commit p99 µs |", "|---|---|---|---|---|"]
+    persist = ["| backend | producers | in flight each | events/s | commit p50 µs | commit p99 µs |",
+               "|---|---|---|---|---|---|"]
     other = ["| scenario | figure |", "|---|---|"]
     with open(path) as f:
         for line in f:
@@ -69,7 +122,7 @@ def own(path):
             r = json.loads(line)
             scen, label = r.get("scenario"), r.get("label", "")
             if scen == "persist":
-                persist.append(f"| {r['backend']} | {r['producers']} | {r['events_per_s']:.0f} | "
+                persist.append(f"| {r['backend']} | {r['producers']} | {r.get('window', 1)} | {r['events_per_s']:.0f} | "
                                f"{r['commit_p50_us']} | {r['commit_p99_us']} |")
             elif scen == "ready":
                 ms = dig(r, ("exec_to_ready_ms", "median"))
@@ -93,20 +146,28 @@ def main():
     ap.add_argument("--own", required=True)
     ap.add_argument("--append")
     a = ap.parse_args()
-    r = ratios(load(a.results))
+    rows = load(a.results)
+    r = ratios(rows)
+    t = targets(rows, a.own)
     o = own(a.own)
     print("\nnetra's ratio to each peer (>1 = netra better):\n")
     print(r)
     print("\nnetra's own scenarios:\n")
     print(o)
+    print("\nTargets of #12:\n")
+    print(t)
     if a.append:
         with open(a.append, "a") as f:
             f.write("\n## netra's ratio to each peer\n\nSame run as the table above; >1 means netra is better.\n\n")
             f.write(r + "\n")
+            f.write("\n## Targets (#12)\n\nFrom this run. Where one is missed, `bench/PROFILE.md` has the "
+                    "profile, the reason and what it would take.\n\n" + t + "\n")
             f.write("\n## netra's own scenarios\n\nPersisted events through the real delivery path "
-                    "(`cargo run --release --example persist`): N producers, each appending one event at a time "
-                    "to its own thread and awaiting the commit, as a run does; group commit batches whatever "
-                    "is pending into one transaction.\n\n")
+                    "(`cargo run --release --example persist`): N producers, each appending to its own thread; "
+                    "with 1 in flight each awaits every commit, with 8 it keeps up to 8 events in flight and "
+                    "waits for the oldest, as a streaming run does (a run never waits for an event's commit "
+                    "before emitting the next). Group commit batches whatever is pending into one "
+                    "transaction.\n\n")
             f.write(o + "\n")
             with open(a.own) as src:
                 f.write("\n<details><summary>Raw results of netra's own scenarios</summary>\n\n```\n" + src.read().strip() + "\n```\n</details>\n")

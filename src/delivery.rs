@@ -74,7 +74,8 @@ enum Follow {
 /// would allocate its first block up front), which is what lets one process hold many.
 pub struct Connection {
     pub id: String,
-    pub user_id: String,
+    /// Shared with the registry's key for this user.
+    pub user_id: Arc<str>,
     capacity: usize,
     outbox: Mutex<Outbox>,
     wake: Notify,
@@ -99,7 +100,7 @@ pub struct Taken {
 
 impl Connection {
     /// A connection whose outbox holds at most `capacity` frames.
-    pub fn new(id: String, user_id: String, capacity: usize) -> Arc<Self> {
+    pub fn new(id: String, user_id: Arc<str>, capacity: usize) -> Arc<Self> {
         Arc::new(Self {
             id,
             user_id,
@@ -238,7 +239,7 @@ enum Offer {
 /// The connections of this node, by user.
 #[derive(Default)]
 pub struct Registry {
-    users: Mutex<HashMap<String, Vec<Arc<Connection>>>>,
+    users: Mutex<HashMap<Arc<str>, Vec<Arc<Connection>>>>,
 }
 
 /// The user already has the maximum number of open connections.
@@ -246,7 +247,7 @@ pub struct Registry {
 pub struct TooManyConnections;
 
 impl Registry {
-    fn users(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Connection>>>> {
+    fn users(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Vec<Arc<Connection>>>> {
         self.users.lock().expect("registry lock is never held across a panic")
     }
 

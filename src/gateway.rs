@@ -146,7 +146,7 @@ async fn open(
     };
     let limits = &shared.config.limits;
     let conn_id = format!("c_{}", uuid::Uuid::now_v7().simple());
-    let conn = Connection::new(conn_id, user.id.clone(), limits.send_queue);
+    let conn = Connection::new(conn_id, Arc::from(user.id.as_str()), limits.send_queue);
     if app.delivery.registry.register(&conn, limits.connections_per_user).is_err() {
         close_now(socket, CLOSE_BUSY).await;
         return None;
@@ -337,7 +337,7 @@ async fn reply_error(conn: &Connection, error: ProtocolError) {
 /// Checks that `thread_id` is a live thread of the connection's user.
 async fn owned(app: &App, conn: &Connection, thread_id: &str) -> Result<(), ProtocolError> {
     match app.store.thread_owner(thread_id).await {
-        Ok(owner) if owner == conn.user_id => Ok(()),
+        Ok(owner) if *owner == *conn.user_id => Ok(()),
         Ok(_) | Err(StoreError::NotFound) => Err(ProtocolError::new(ErrorCode::Forbidden, "thread not found")),
         Err(e) => {
             tracing::warn!(error = %e, "thread lookup failed");

@@ -94,11 +94,17 @@ pub struct Store {
     owners: Arc<OwnerCache>,
     history: Arc<history::HistoryCache>,
     /// Users recorded by this node, with the claims they were recorded with.
-    users: Arc<Mutex<HashMap<String, Claims>>>,
+    users: Arc<Mutex<HashMap<String, u64>>>,
 }
 
-/// A user's email and name, as its token gave them.
-type Claims = (Option<String>, Option<String>);
+/// A digest of a user's email and name, as its token gave them: what the map of recorded
+/// users keeps (one per connected user; the strings would double its size).
+fn claims_digest(email: Option<&str>, name: Option<&str>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    (email, name).hash(&mut hasher);
+    hasher.finish()
+}
 
 /// A user to record.
 #[derive(Debug)]
@@ -427,12 +433,16 @@ impl Store {
     /// nothing; on SQLite, users recorded together are one transaction on the writer.
     #[instrument(skip_all, fields(user_id))]
     pub async fn upsert_user(&self, user_id: &str, email: Option<&str>, name: Option<&str>) -> Result<()> {
-        let claims = (email.map(str::to_string), name.map(str::to_string));
+        let claims = claims_digest(email, name);
         if self.users.lock().expect("users lock is never held across a panic").get(user_id) == Some(&claims) {
             return Ok(());
         }
-        let user =
-            NewUser { id: user_id.to_string(), email: claims.0.clone(), name: claims.1.clone(), created_at: now_ms() };
+        let user = NewUser {
+            id: user_id.to_string(),
+            email: email.map(str::to_string),
+            name: name.map(str::to_string),
+            created_at: now_ms(),
+        };
         match (&self.writer, &self.user_queue) {
             (Some(writer), _) => writer.upsert_user(user).await?,
             (None, Some(queue)) => {
