@@ -378,6 +378,12 @@ impl Store {
         )
         .execute(&self.pool)
         .await?;
+        // The usual start: everything applied already. One read, no lock, no transaction.
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM netra_migrations").fetch_all(&self.pool).await?;
+        if MIGRATIONS.iter().all(|(version, _)| applied.contains(version)) {
+            return Ok(());
+        }
         for (version, sql) in MIGRATIONS {
             let mut tx = self.pool.begin().await?;
             if self.backend == Backend::Postgres {
