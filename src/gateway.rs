@@ -238,7 +238,11 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
         tokio::select! {
             biased;
             () = conn.woken() => {}
-            () = async { handling.as_mut().expect("guarded").await }, if handling.is_some() => handling = None,
+            () = async { handling.as_mut().expect("guarded").await }, if handling.is_some() => {
+                handling = None;
+                // Time spent handling a frame (a commit, a slow database) is not idleness.
+                idle_at = Instant::now() + limits.idle_timeout;
+            }
             message = socket.next(), if handling.is_none() => {
                 idle_at = Instant::now() + limits.idle_timeout;
                 match inbound(app, conn, &mut rate, message) {
