@@ -224,10 +224,8 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
                 socket.flush().await
             };
             // Boxed, like every step but the wait itself: the idle task stays small.
-            match Box::pin(write_unless_stuck(conn, write)).await {
-                Some(Ok(())) => {}
-                Some(Err(_)) => return,
-                None => return,
+            if !matches!(Box::pin(write_unless_stuck(conn, write)).await, Some(Ok(()))) {
+                return;
             }
             continue;
         }
