@@ -1,5 +1,6 @@
 //! The WebSocket gateway: upgrade, token extraction, the readiness wait, and per
-//! connection a reader (this task) and a writer task joined by the bounded send queue.
+//! connection one task that writes what the connection's outbox holds and reads and
+//! handles the client's frames one at a time.
 //! It enforces the frame-size, rate and per-user connection limits and the heartbeat,
 //! answers every bad frame with an `error` frame, and never touches the database or the
 //! agent directly: it calls the supervisor and delivery only.
