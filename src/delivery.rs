@@ -118,7 +118,7 @@ impl Connection {
     }
 
     /// Queues a frame for this connection alone (replies, protocol errors, replays).
-    /// Waits for room; `false` once the socket is gone.
+    /// Waits for room; `false` once a close is decided or the socket is gone.
     pub async fn send(&self, text: impl Into<Utf8Bytes>) -> bool {
         let text = text.into();
         loop {
@@ -126,7 +126,8 @@ impl Connection {
             tokio::pin!(room);
             {
                 let mut outbox = self.outbox();
-                if outbox.gone {
+                // Once a close is decided, only what was queued before it still goes out.
+                if outbox.gone || outbox.close.is_some() {
                     return false;
                 }
                 if outbox.frames.len() < self.capacity {
@@ -188,7 +189,12 @@ impl Connection {
 
     /// Back to the default for this thread: the client sent into it (§6b).
     pub fn follow_default(&self, thread_id: &str) {
-        self.follows().remove(thread_id);
+        // A replay in progress (or the seq filter after one) is not undone: it hands over
+        // to live delivery itself, with no gap.
+        let mut follows = self.follows();
+        if matches!(follows.get(thread_id), Some(Follow::Muted)) {
+            follows.remove(thread_id);
+        }
     }
 
     pub fn mute(&self, thread_id: &str) {
@@ -509,6 +515,15 @@ async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mpsc::Receive
                 if let Some((waiter, chain)) = waiters.into_iter().next() {
                     break_chain(&mut broken, chain.as_ref());
                     let _ = waiter.reply.send(Err(e.into()));
+                }
+            }
+            Err(e) if matches!(e, StoreError::Unavailable(_)) => {
+                // The database is away: every job would wait for it again, one by one.
+                tracing::warn!(error = %e, jobs = jobs.len(), "batch write failed: database unavailable");
+                let reason = e.to_string();
+                for (waiter, chain) in waiters {
+                    break_chain(&mut broken, chain.as_ref());
+                    let _ = waiter.reply.send(Err(StoreError::Unavailable(reason.clone().into()).into()));
                 }
             }
             Err(e) => {

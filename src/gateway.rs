@@ -225,7 +225,7 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
                 socket.flush().await
             };
             // Boxed, like every step but the wait itself: the idle task stays small.
-            if !matches!(Box::pin(write_unless_stuck(conn, write)).await, Some(Ok(()))) {
+            if !matches!(Box::pin(write_unless_stuck(conn, limits.idle_timeout, write)).await, Some(Ok(()))) {
                 return;
             }
             continue;
@@ -248,17 +248,24 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
                     Inbound::Handle(work) => handling = Some(work),
                     Inbound::Skip => {}
                     Inbound::Close(reason) => conn.close(reason),
-                    Inbound::Gone => return,
+                    Inbound::Gone => {
+                        // Sends tungstenite's reply to a client's close frame, if there was one.
+                        let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, socket.flush())).await;
+                        return;
+                    }
                 }
             }
             () = &mut timer => {
                 let now = Instant::now();
-                if now >= idle_at {
+                if now >= idle_at && handling.is_some() {
+                    // A frame being handled (a slow commit) is activity, not idleness.
+                    idle_at = now + limits.idle_timeout;
+                } else if now >= idle_at {
                     conn.close(CLOSE_IDLE);
                 } else if now >= ping_at {
                     ping_at = now + limits.heartbeat_interval;
                     let ping = socket.send(Message::Ping(Bytes::new()));
-                    if !matches!(Box::pin(write_unless_stuck(conn, ping)).await, Some(Ok(()))) {
+                    if !matches!(Box::pin(write_unless_stuck(conn, limits.idle_timeout, ping)).await, Some(Ok(()))) {
                         return;
                     }
                 }
@@ -268,18 +275,24 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
     }
 }
 
-/// Runs a socket write to completion, unless a close is decided while it is blocked and
-/// it then takes longer than [`CLOSE_GRACE`] (`None`: give up on the socket).
-async fn write_unless_stuck<T>(conn: &Connection, write: impl std::future::Future<Output = T>) -> Option<T> {
-    tokio::pin!(write);
+/// Runs a socket write to completion, unless it is stuck (`None`: give up on the socket):
+/// once a close is decided (before or while it is blocked) it gets [`CLOSE_GRACE`]; any
+/// write gets `limit` at most, for a client that stopped reading when nothing else
+/// happens on the connection.
+async fn write_unless_stuck<T>(
+    conn: &Connection,
+    limit: Duration,
+    write: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let bounded = tokio::time::timeout(limit, write);
+    tokio::pin!(bounded);
     loop {
+        if conn.close_requested() {
+            return tokio::time::timeout(CLOSE_GRACE, bounded).await.ok().and_then(Result::ok);
+        }
         tokio::select! {
-            r = &mut write => return Some(r),
-            () = conn.woken() => {
-                if conn.close_requested() {
-                    return tokio::time::timeout(CLOSE_GRACE, write).await.ok();
-                }
-            }
+            r = &mut bounded => return r.ok(),
+            () = conn.woken() => {}
         }
     }
 }
@@ -383,6 +396,8 @@ async fn handle(app: &App, conn: &Arc<Connection>, message: ClientMessage) -> Re
             Ok(())
         }
         ClientMessage::Unsubscribe { thread_id } => {
+            // Only the user's threads: each mute is kept for the life of the connection.
+            owned(app, conn, &thread_id).await?;
             conn.mute(&thread_id);
             Ok(())
         }

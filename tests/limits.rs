@@ -420,3 +420,16 @@ async fn consumer_that_cannot_keep_up_is_closed_and_counted_without_blocking_the
     assert!(Instant::now() < deadline, "the server never released the overflowing socket");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
 }
+
+/// A client that closes gets the server's close reply (not a dropped socket, 1006).
+#[tokio::test]
+async fn a_client_close_is_answered_with_a_close_frame() {
+    let server = Spawn::new().ready().await;
+    let mut tab = server.connect("leaver").await;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let close = CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
+    tab.ws.send(tokio_tungstenite::tungstenite::Message::Close(Some(close))).await.expect("send close");
+    let closed = tab.next_or_close().await.expect_err("the server closes");
+    assert_eq!(closed.code, 1000, "{closed:?}");
+}

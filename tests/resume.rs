@@ -177,3 +177,30 @@ async fn sigkill_mid_run_loses_nothing_a_client_saw_and_marks_the_run_interrupte
         common::assert_dense(&replay);
     }
 }
+
+/// Sending into a thread while its replay is still paging must not cut the replay short:
+/// the tab gets every seq exactly once, the replayed ones and the new run's.
+#[tokio::test]
+async fn chatting_into_a_thread_during_its_replay_leaves_no_gap() {
+    for backend in BACKENDS {
+        let server = Spawn::new().env("NETRA_REPLAY_BATCH", "2").backend(backend).await.ready().await;
+        let mut a = server.connect("carol").await;
+        let first = a.chat("one", None).await;
+        let thread = first[0]["thread_id"].as_str().expect("thread id").to_string();
+        for text in ["two", "three", "four"] {
+            a.chat(text, Some(&thread)).await;
+        }
+        let mut b = server.connect("carol").await;
+        b.send(json!({"type": "subscribe", "payload": {"thread_id": thread, "after_seq": 0}})).await;
+        b.send(json!({"type": "user_message", "payload": {"content": "five", "thread_id": thread}})).await;
+        let frames = b
+            .until(|f| {
+                f["type"] == "final_report"
+                    && f["payload"]["executive_summary"].as_str().is_some_and(|s| s.contains("four"))
+            })
+            .await;
+        let got = seqs(&frames);
+        let last = *got.last().expect("seq");
+        assert_eq!(got, (1..=last).collect::<Vec<_>>(), "{backend:?}: {:?}", types(&frames));
+    }
+}

@@ -336,3 +336,28 @@ async fn arithmetic_uses_the_calculator_and_time_uses_the_clock() {
     assert_eq!(tool_names(&clock), ["analyze_message", "clock"]);
     assert!(summary(&clock).contains("UTC"), "{}", summary(&clock));
 }
+
+/// A chat whose socket closes right after sending it must not keep the user's run slot:
+/// the start finishes (message saved, run spawned and ended) even though nobody waits.
+#[tokio::test]
+async fn a_socket_closed_right_after_a_chat_does_not_keep_the_run_slot() {
+    let server = Spawn::new().env("NETRA_MAX_RUNS_PER_USER", "1").env("NETRA_AGENT_TOKEN_DELAY", "0ms").ready().await;
+    for _ in 0..8 {
+        let mut tab = server.connect("dropper").await;
+        tab.send(json!({"type": "user_message", "payload": {"content": "hello and goodbye"}})).await;
+        drop(tab);
+    }
+    // Every run above ends on its own; then one slot is free again.
+    let mut tab = server.connect("dropper").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let frames = tab.chat("still there?", None).await;
+        if frames.iter().any(|f| f["type"] == "final_report") {
+            break;
+        }
+        let busy = frames.iter().any(|f| f["type"] == "error" && f["payload"]["code"] == "busy");
+        assert!(busy, "{:?}", types(&frames));
+        assert!(std::time::Instant::now() < deadline, "the user's run slot was never released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

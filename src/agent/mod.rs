@@ -292,6 +292,22 @@ impl Supervisor {
     /// Starts a run on `text` in `thread_id` (a new thread when `None`). The user's
     /// message, the run and its first events are one transaction.
     pub async fn start(&self, user_id: &str, thread_id: Option<&str>, text: &str) -> Result<RunStarted, StartError> {
+        // On a task of its own: a caller that goes away (a socket closed, an HTTP request
+        // dropped) must not cancel a start halfway, after the run took its slot and its
+        // first commit was queued but before its task was spawned.
+        let this = self.clone();
+        let (user_id, thread_id, text) = (user_id.to_string(), thread_id.map(str::to_string), text.to_string());
+        self.inner
+            .tracker
+            .spawn(async move { this.start_now(&user_id, thread_id.as_deref(), &text).await })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a run's start panicked");
+                Err(StartError::Store(StoreError::Unavailable("the run could not be started".into())))
+            })
+    }
+
+    async fn start_now(&self, user_id: &str, thread_id: Option<&str>, text: &str) -> Result<RunStarted, StartError> {
         if !self.inner.accepting.load(Ordering::Acquire) {
             return Err(StartError::ShuttingDown);
         }

@@ -37,6 +37,11 @@ const STATEMENT_CACHE: usize = 16;
 /// 32 MiB was 9 % of the writer's time.
 const WRITER_PRAGMAS: &[&str] = &["PRAGMA wal_autocheckpoint = 0", "PRAGMA journal_size_limit = 67108864"];
 
+/// The checkpointer's own settings: a RESTART holds the writer while it waits for
+/// readers, so it gives up after 100 ms (and tries again after the next burst of
+/// commits) instead of the 5 s every other connection waits for a lock.
+const CHECKPOINTER_PRAGMAS: &[&str] = &["PRAGMA busy_timeout = 100"];
+
 /// How long the checkpointer lets commits gather before copying them back: the hot pages
 /// of a chat (the tail of each thread's index entries) are rewritten by every commit,
 /// and one checkpoint copies each of them once.
@@ -142,7 +147,7 @@ impl Writer {
             .spawn(move || {
                 let opened = open(&path, WRITER_PRAGMAS).and_then(|writer| {
                     writer.busy_handler(Some(wait_briefly))?;
-                    let checkpoints = open(&path, &[])?;
+                    let checkpoints = open(&path, CHECKPOINTER_PRAGMAS)?;
                     let (nudge, nudges) = mpsc::sync_channel(1);
                     std::thread::Builder::new()
                         .name("netra-sqlite-checkpoint".into())
@@ -250,13 +255,20 @@ fn serve(mut conn: Connection, inbox: &mpsc::Receiver<Request>, nudge: &mpsc::Sy
                 for (_, reply) in users {
                     let _ = reply.send(match &result {
                         Ok(()) => Ok(()),
+                        Err(StoreError::Unavailable(e)) => Err(StoreError::Unavailable(e.to_string().into())),
                         Err(e) => Err(StoreError::Rejected(e.to_string().into())),
                     });
                 }
                 let _ = nudge.try_send(());
             }
             Request::Checkpoint { reply } => {
-                let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(Into::into);
+                let result = conn
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get::<_, i64>(0))
+                    .map_err(StoreError::from)
+                    .and_then(|busy| match busy {
+                        0 => Ok(()),
+                        _ => Err(StoreError::Unavailable("the WAL is in use; it was not truncated".into())),
+                    });
                 let _ = reply.send(result);
             }
             Request::Recent { thread_id, limit, reply } => {
