@@ -70,6 +70,20 @@ fn wait_briefly(attempts: i32) -> bool {
 const CATCH_UP_ROUNDS: usize = 6;
 const CAUGHT_UP_FRAMES: i64 = 500;
 
+/// Copies the whole WAL back and truncates it. Another checkpoint in progress (the
+/// checkpointer's) makes SQLite answer "busy" at once rather than wait: it is tried again
+/// for up to a second.
+fn truncate(conn: &Connection) -> Result<()> {
+    for _ in 0..50 {
+        let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))?;
+        if busy == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(StoreError::Unavailable("the WAL stayed in use; it was not truncated".into()))
+}
+
 /// Copies committed WAL frames back into the database after each burst of commits,
 /// until the writer thread stops.
 fn checkpointer(conn: &Connection, nudges: &mpsc::Receiver<()>) {
@@ -262,14 +276,7 @@ fn serve(mut conn: Connection, inbox: &mpsc::Receiver<Request>, nudge: &mpsc::Sy
                 let _ = nudge.try_send(());
             }
             Request::Checkpoint { reply } => {
-                let result = conn
-                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get::<_, i64>(0))
-                    .map_err(StoreError::from)
-                    .and_then(|busy| match busy {
-                        0 => Ok(()),
-                        _ => Err(StoreError::Unavailable("the WAL is in use; it was not truncated".into())),
-                    });
-                let _ = reply.send(result);
+                let _ = reply.send(truncate(&conn));
             }
             Request::Recent { thread_id, limit, reply } => {
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| recent(&conn, &thread_id, limit)))
