@@ -93,6 +93,9 @@ pub enum RunFailure {
     History(#[from] StoreError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// A bug: the provider panicked. The run still ends, persisted, and frees its slot.
+    #[error("the agent panicked: {0}")]
+    Panicked(String),
 }
 
 impl RunFailure {
@@ -101,7 +104,9 @@ impl RunFailure {
     fn public(&self) -> (&'static str, String) {
         match self {
             Self::Upstream(e) => (e.reason(), e.to_string()),
-            Self::Delivery(_) | Self::History(_) => ("failed", "the agent failed; see the server log".into()),
+            Self::Delivery(_) | Self::History(_) | Self::Panicked(_) => {
+                ("failed", "the agent failed; see the server log".into())
+            }
         }
     }
 }
@@ -165,6 +170,14 @@ impl RunContext {
         }
         Ok(())
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".into())
 }
 
 fn run_event(kind: EventType, run_id: &str, payload: &Value) -> NewEvent {
@@ -407,12 +420,15 @@ impl Supervisor {
             ctx.history = self.inner.store.recent_messages(&ctx.thread_id, HISTORY_MESSAGES, ctx.message_seq).await?;
             self.inner.providers.for_user(&ctx.owner).run(&ctx).await
         };
+        // A panic in a provider must not skip the run's ending (its slot, its status).
+        let work = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work));
         let ending = tokio::select! {
             biased;
             _ = cancel.cancelled() => Ending::Cancelled,
             r = tokio::time::timeout(self.inner.deadline, work) => match r {
-                Ok(Ok(answer)) => Ending::Completed(answer),
-                Ok(Err(failure)) => Ending::Failed(failure),
+                Ok(Ok(Ok(answer))) => Ending::Completed(answer),
+                Ok(Ok(Err(failure))) => Ending::Failed(failure),
+                Ok(Err(panic)) => Ending::Failed(RunFailure::Panicked(panic_message(panic.as_ref()))),
                 Err(_) => Ending::TimedOut,
             },
         };
@@ -593,5 +609,27 @@ fn ending_job(
             completion_tokens: usage.map(|u| tokens(u.completion_tokens)),
         }],
         events,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_provider_becomes_a_failure_with_its_message() {
+        let work = async {
+            if std::hint::black_box(true) {
+                panic!("bad tool output");
+            }
+            Ok::<u8, RunFailure>(1)
+        };
+        let caught = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work)).await;
+        let panic = caught.expect_err("the panic is caught");
+        let failure = RunFailure::Panicked(panic_message(panic.as_ref()));
+        assert_eq!(failure.to_string(), "the agent panicked: bad tool output");
+        assert_eq!(failure.public().0, "failed", "clients see a plain failure, the log has the rest");
+        let formatted = std::panic::catch_unwind(|| panic!("{} items", 3)).expect_err("panics");
+        assert_eq!(panic_message(formatted.as_ref()), "3 items");
     }
 }
