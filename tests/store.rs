@@ -191,6 +191,17 @@ async fn history_stays_right_when_another_node_writes_the_thread() {
         there.write_batch(&vec![message_job(&thread, "four")].into()).await.expect("there again");
         assert_eq!(history(&there, &thread, 10).await, ["one", "two", "three", "four"], "{backend:?}");
         assert_eq!(history(&here, &thread, 10).await, ["one", "two", "three", "four"], "{backend:?}");
+        // A run sees the thread up to its own message (seq 3 is "two"), not later ones.
+        for store in [&here, &there] {
+            let upto: Vec<String> = store
+                .recent_messages(&thread, 10, 3)
+                .await
+                .expect("history")
+                .iter()
+                .map(|m| m.content.clone())
+                .collect();
+            assert_eq!(upto, ["one", "two"], "{backend:?}");
+        }
     }
 }
 

@@ -612,6 +612,7 @@ mod tests {
             content: content.into(),
             created_at: 0,
             metadata: Value::Null,
+            seq: 0,
         })
     }
 

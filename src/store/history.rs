@@ -52,16 +52,21 @@ impl HistoryCache {
         self.inner.lock().expect("history cache lock is never held across a panic")
     }
 
-    /// The last `limit` messages, oldest first, if the thread is followed at least
-    /// through `seq` and `limit` is within what is kept.
+    /// The last `limit` messages up to `seq`, oldest first, if the thread is followed at
+    /// least through `seq` and what is kept covers them (messages past `seq` take room:
+    /// if the entry is full and too few are left, the caller reads the store).
     pub(super) fn get(&self, thread_id: &str, limit: usize, seq: u64) -> Option<Vec<Arc<Message>>> {
         if limit > self.depth {
             return None;
         }
         let inner = self.lock();
         let tail = inner.threads.get(thread_id).filter(|t| t.through_seq >= seq)?;
-        let skip = tail.messages.len().saturating_sub(limit);
-        Some(tail.messages.iter().skip(skip).cloned().collect())
+        let upto = i64::try_from(seq).unwrap_or(i64::MAX);
+        let kept = tail.messages.iter().filter(|m| m.seq <= upto).count();
+        if kept < limit && tail.messages.len() >= self.depth {
+            return None;
+        }
+        Some(tail.messages.iter().filter(|m| m.seq <= upto).skip(kept.saturating_sub(limit)).cloned().collect())
     }
 
     /// Starts following a thread from a read: `newest_first` are its last messages (up to
@@ -83,12 +88,13 @@ impl HistoryCache {
         let last = first + job.events.len() as u64 - 1;
         let created = job.rows.iter().any(|r| matches!(r, Row::CreateThread { .. }));
         let new_messages = job.rows.iter().filter_map(|row| match row {
-            Row::Message { id, role, content, .. } => Some(Arc::new(Message {
+            Row::Message { id, role, content, event_index, .. } => Some(Arc::new(Message {
                 id: id.clone(),
                 role: (*role).to_string(),
                 content: content.clone(),
                 created_at: now,
                 metadata: Value::Object(Default::default()),
+                seq: i64::try_from(first + *event_index as u64).unwrap_or(i64::MAX),
             })),
             _ => None,
         });
@@ -179,8 +185,8 @@ mod tests {
         WriteJob { thread_id: thread.into(), rows, events: vec![event; events] }
     }
 
-    fn contents(cache: &HistoryCache, thread: &str, limit: usize) -> Option<Vec<String>> {
-        cache.get(thread, limit, 0).map(|v| v.iter().map(|m| m.content.clone()).collect())
+    fn contents(cache: &HistoryCache, thread: &str, limit: usize, seq: u64) -> Option<Vec<String>> {
+        cache.get(thread, limit, seq).map(|v| v.iter().map(|m| m.content.clone()).collect())
     }
 
     #[test]
@@ -189,8 +195,11 @@ mod tests {
         cache.record(&job("t", true, &["a"], 2), 1, 0);
         cache.record(&job("t", false, &[], 3), 3, 0);
         cache.record(&job("t", false, &["b", "c", "d"], 3), 6, 0);
-        assert_eq!(contents(&cache, "t", 3), Some(vec!["b".into(), "c".into(), "d".into()]));
-        assert_eq!(contents(&cache, "t", 1), Some(vec!["d".into()]));
+        assert_eq!(contents(&cache, "t", 3, 8), Some(vec!["b".into(), "c".into(), "d".into()]));
+        assert_eq!(contents(&cache, "t", 1, 8), Some(vec!["d".into()]));
+        // Up to seq 7 (a run that started before "d" was written): "d" is not part of it.
+        assert_eq!(contents(&cache, "t", 1, 7), Some(vec!["c".into()]));
+        assert!(cache.get("t", 3, 7).is_none(), "the full entry holds only two up to seq 7: read the store");
         assert!(cache.get("t", 4, 0).is_none(), "deeper than kept: read the store");
         assert!(cache.get("t", 1, 9).is_none(), "not seen through seq 9: read the store");
         assert!(cache.get("t", 1, 8).is_some());
@@ -206,21 +215,23 @@ mod tests {
         assert!(cache.get("t", 1, 0).is_none());
         cache.record(&job("t", false, &["y"], 1), 5, 0);
         assert!(cache.get("t", 1, 0).is_none(), "an unknown thread is not followed from the middle");
-        let read: Vec<Arc<Message>> = ["y", "x", "b", "a"].iter().map(|c| Arc::new(job_message(c))).collect();
+        let read: Vec<Arc<Message>> =
+            [("y", 5), ("x", 4), ("b", 2), ("a", 1)].iter().map(|(c, seq)| Arc::new(job_message(c, *seq))).collect();
         cache.fill("t", 5, &read);
-        assert_eq!(contents(&cache, "t", 5), Some(vec!["a".into(), "b".into(), "x".into(), "y".into()]));
+        assert_eq!(contents(&cache, "t", 5, 5), Some(vec!["a".into(), "b".into(), "x".into(), "y".into()]));
         // An older read does not replace what is newer.
         cache.fill("t", 3, &read[2..]);
-        assert_eq!(contents(&cache, "t", 5).map(|v| v.len()), Some(4));
+        assert_eq!(contents(&cache, "t", 5, 5).map(|v| v.len()), Some(4));
     }
 
-    fn job_message(content: &str) -> Message {
+    fn job_message(content: &str, seq: i64) -> Message {
         Message {
             id: format!("m{content}"),
             role: "user".into(),
             content: content.into(),
             created_at: 0,
             metadata: Value::Null,
+            seq,
         }
     }
 
@@ -228,7 +239,7 @@ mod tests {
     fn bytes_are_accounted_and_forgetting_releases_them() {
         let cache = HistoryCache::new(2);
         cache.record(&job("t", true, &["aaaa", "bbbb", "cccc"], 3), 1, 0);
-        let expected: usize = ["bbbb", "cccc"].iter().map(|c| size(&job_message(c))).sum();
+        let expected: usize = ["bbbb", "cccc"].iter().map(|c| size(&job_message(c, 0))).sum();
         assert_eq!(cache.lock().bytes, expected);
         cache.forget("t");
         assert_eq!(cache.lock().bytes, 0);

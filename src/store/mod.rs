@@ -225,6 +225,8 @@ pub struct Message {
     pub content: String,
     pub created_at: i64,
     pub metadata: Value,
+    /// Its place in the thread: the `seq` of the event that carried it.
+    pub seq: i64,
 }
 
 /// A run that was still marked running when its node stopped.
@@ -607,7 +609,7 @@ impl Store {
     #[instrument(skip_all, fields(thread_id))]
     pub async fn messages(&self, thread_id: &str, limit: i64, offset: i64) -> Result<(Vec<Message>, i64)> {
         let rows = sqlx::query(
-            "SELECT id, role, content, created_at, metadata FROM messages WHERE thread_id = $1 \
+            "SELECT id, role, content, created_at, metadata, seq FROM messages WHERE thread_id = $1 \
              ORDER BY seq LIMIT $2 OFFSET $3",
         )
         .bind(thread_id)
@@ -623,9 +625,10 @@ impl Store {
         Ok((messages, total))
     }
 
-    /// The last `limit` (at most [`HISTORY_DEPTH`]) messages of a thread, oldest first,
-    /// including at least everything up to `seq`: the agent's context, where `seq` is the
-    /// run's own message. Threads this node writes are answered from memory.
+    /// The last `limit` (at most [`HISTORY_DEPTH`]) messages of a thread up to `seq`,
+    /// oldest first: the agent's context, where `seq` is the run's own message (a run in
+    /// the same thread that started later is not part of it). Threads this node writes
+    /// are answered from memory.
     #[instrument(skip_all, fields(thread_id))]
     pub async fn recent_messages(&self, thread_id: &str, limit: usize, seq: u64) -> Result<Vec<Arc<Message>>> {
         let limit = limit.min(HISTORY_DEPTH);
@@ -645,7 +648,10 @@ impl Store {
         if let Some(through) = through {
             self.history.fill(thread_id, u64::try_from(through).unwrap_or(0), &newest_first);
         }
-        Ok(newest_first.into_iter().take(limit).rev().collect())
+        let upto = i64::try_from(seq).unwrap_or(i64::MAX);
+        let mut history: Vec<Arc<Message>> = newest_first.into_iter().filter(|m| m.seq <= upto).take(limit).collect();
+        history.reverse();
+        Ok(history)
     }
 
     /// Up to `limit` events with `seq > after_seq`, in order.
@@ -1028,7 +1034,7 @@ impl Placeholders {
 /// `last_seq` as of the same snapshot (one statement: one snapshot on both backends).
 /// SQLite reads `$1`, `$2` as named parameters numbered in order of first appearance,
 /// so rusqlite binds them by position.
-const RECENT_MESSAGES: &str = "SELECT id, role, content, created_at, metadata, \
+const RECENT_MESSAGES: &str = "SELECT id, role, content, created_at, metadata, seq, \
      (SELECT last_seq FROM threads WHERE id = $1) AS through_seq \
      FROM messages WHERE thread_id = $1 ORDER BY seq DESC LIMIT $2";
 
@@ -1057,6 +1063,7 @@ fn message_from_row(row: &AnyRow) -> Result<Message> {
         content: row.try_get("content")?,
         created_at: row.try_get("created_at")?,
         metadata: serde_json::from_str(&metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        seq: row.try_get("seq")?,
     })
 }
 

@@ -305,15 +305,16 @@ fn upsert_users(conn: &mut Connection, users: &[(NewUser, oneshot::Sender<Result
 fn recent(conn: &Connection, thread_id: &str, limit: i64) -> Result<(Vec<Message>, Option<i64>)> {
     let mut statement = conn.prepare_cached(RECENT_MESSAGES)?;
     let rows = statement.query_map(rusqlite::params![thread_id, limit], |row| {
-        Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get::<_, String>(4)?, row.get(5)?))
+        let message = (row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get::<_, String>(4)?);
+        Ok((message, row.get(5)?, row.get(6)?))
     })?;
     let mut through = None;
     let mut messages = Vec::new();
     for row in rows {
-        let (id, role, content, created_at, metadata, last_seq) = row?;
+        let ((id, role, content, created_at, metadata), seq, last_seq) = row?;
         through = Some(last_seq);
         let metadata = serde_json::from_str(&metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        messages.push(Message { id, role, content, created_at, metadata });
+        messages.push(Message { id, role, content, created_at, metadata, seq });
     }
     Ok((messages, through))
 }
