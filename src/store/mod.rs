@@ -148,7 +148,7 @@ async fn record_users(pool: AnyPool, mut requests: tokio::sync::mpsc::Receiver<U
                     }
                 }
             }
-            let mut ph = Placeholders::new(Backend::Postgres);
+            let mut ph = Placeholders::default();
             let values: Vec<String> = rows.iter().map(|_| ph.row(4)).collect();
             let sql = format!(
                 "INSERT INTO users (id, email, name, created_at) VALUES {}{}",
@@ -708,7 +708,7 @@ impl Store {
 
     /// [`Store::write_batch`] through the pool (PostgreSQL); returns each job's first seq.
     async fn write_pooled(&self, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
-        let batch = Batch::new(self.backend, jobs, now);
+        let batch = Batch::new(jobs, now);
         let mut tx = self.pool.begin().await?;
         for statement in batch.creates() {
             statement.sqlx().execute(&mut *tx).await?;
@@ -750,16 +750,6 @@ impl Store {
     }
 }
 
-impl Backend {
-    /// The `i`-th (1-based) bind placeholder. SQLite gets plain `?`, bound by position.
-    fn placeholder(self, i: usize) -> String {
-        match self {
-            Self::Sqlite => "?".to_string(),
-            Self::Postgres => format!("${i}"),
-        }
-    }
-}
-
 /// A value bound to a statement of [`Store::write_batch`], whichever the driver.
 #[derive(Debug, Clone, Copy)]
 enum Param<'a> {
@@ -769,8 +759,8 @@ enum Param<'a> {
     MaybeInt(Option<i64>),
 }
 
-/// A statement of [`Store::write_batch`]: its text in the backend's placeholder syntax
-/// and its values in placeholder order. Only binding and execution differ per driver.
+/// A statement of [`Store::write_batch`] on PostgreSQL (SQLite's writer thread runs cached
+/// single-row statements instead): its text and its values in placeholder order.
 #[derive(Debug)]
 struct Statement<'a> {
     sql: String,
@@ -792,11 +782,11 @@ impl Statement<'_> {
     }
 }
 
-/// The statements of one [`Store::write_batch`], in the order they run: [`Batch::creates`],
-/// then [`Batch::allocate`], whose returned `(id, last_seq)` rows give [`Batch::firsts`],
-/// then [`Batch::rest`].
+/// One [`Store::write_batch`]: the events per thread, which give each job its first
+/// `seq` ([`Batch::firsts`]), on both backends; on PostgreSQL also its statements, in the
+/// order they run: [`Batch::creates`], then [`Batch::allocate`], whose returned
+/// `(id, last_seq)` rows give [`Batch::firsts`], then [`Batch::rest`].
 struct Batch<'a> {
-    backend: Backend,
     jobs: &'a [WriteJob],
     now: i64,
     /// Events per thread of the batch, in order of first appearance.
@@ -807,7 +797,7 @@ struct Batch<'a> {
 const ROWS_PER_INSERT: usize = 200;
 
 impl<'a> Batch<'a> {
-    fn new(backend: Backend, jobs: &'a [WriteJob], now: i64) -> Self {
+    fn new(jobs: &'a [WriteJob], now: i64) -> Self {
         let mut totals: Vec<(&str, i64)> = Vec::new();
         for job in jobs.iter().filter(|j| !j.events.is_empty()) {
             match totals.iter_mut().find(|(t, _)| *t == job.thread_id) {
@@ -815,7 +805,7 @@ impl<'a> Batch<'a> {
                 None => totals.push((&job.thread_id, job.events.len() as i64)),
             }
         }
-        Self { backend, jobs, now, totals }
+        Self { jobs, now, totals }
     }
 
     /// One insert per thread the batch creates.
@@ -824,7 +814,7 @@ impl<'a> Batch<'a> {
         for job in self.jobs {
             for row in &job.rows {
                 if let Row::CreateThread { owner_id, title } = row {
-                    let mut ph = Placeholders::new(self.backend);
+                    let mut ph = Placeholders::default();
                     statements.push(Statement {
                         sql: format!(
                             "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
@@ -853,7 +843,7 @@ impl<'a> Batch<'a> {
         if self.totals.is_empty() {
             return None;
         }
-        let mut ph = Placeholders::new(self.backend);
+        let mut ph = Placeholders::default();
         let mut sql = String::from("UPDATE threads SET last_seq = last_seq + CASE id");
         let mut params = Vec::with_capacity(self.totals.len() * 3 + 1);
         for (thread, n) in &self.totals {
@@ -937,7 +927,7 @@ impl<'a> Batch<'a> {
                         Param::Int(self.now),
                     ]),
                     Row::EndRun { run_id, status, error, prompt_tokens, completion_tokens } => {
-                        let mut ph = Placeholders::new(self.backend);
+                        let mut ph = Placeholders::default();
                         ends.push(Statement {
                             sql: format!(
                                 "UPDATE runs SET status = {}, ended_at = {}, error = {}, prompt_tokens = {}, \
@@ -988,7 +978,7 @@ impl<'a> Batch<'a> {
         params
             .chunks(bound * ROWS_PER_INSERT)
             .map(|chunk| {
-                let mut ph = Placeholders::new(self.backend);
+                let mut ph = Placeholders::default();
                 let rows: Vec<String> = (0..chunk.len() / bound).map(|_| ph.row_with(columns)).collect();
                 Statement { sql: format!("{head} {}", rows.join(", ")), params: chunk.to_vec() }
             })
@@ -996,20 +986,16 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// Numbered placeholders in order of appearance, whatever the backend's syntax.
+/// PostgreSQL's numbered placeholders (`$1`, `$2`, …) in order of appearance.
+#[derive(Default)]
 struct Placeholders {
-    backend: Backend,
     n: usize,
 }
 
 impl Placeholders {
-    fn new(backend: Backend) -> Self {
-        Self { backend, n: 0 }
-    }
-
     fn next(&mut self) -> String {
         self.n += 1;
-        self.backend.placeholder(self.n)
+        format!("${}", self.n)
     }
 
     /// `(p, p, …)` for one row of `cols` bound values.

@@ -21,9 +21,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::{
-    Backend, Batch, Message, NewUser, RECENT_MESSAGES, Result, Row, SQLITE_PRAGMAS, StoreError, UPSERT_USER, WriteJob,
-};
+use super::{Batch, Message, NewUser, RECENT_MESSAGES, Result, Row, SQLITE_PRAGMAS, StoreError, UPSERT_USER, WriteJob};
 
 /// Prepared statements kept: the writer uses a handful, each for one row.
 const STATEMENT_CACHE: usize = 16;
@@ -217,8 +215,11 @@ impl Writer {
     }
 }
 
-fn panicked() -> StoreError {
-    StoreError::Unavailable("the SQLite writer panicked".into())
+/// Runs one request; a panic inside it becomes that request's error and the thread goes
+/// on with the next.
+fn guarded<T>(request: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(AssertUnwindSafe(request))
+        .unwrap_or_else(|_| Err(StoreError::Unavailable("the SQLite writer panicked".into())))
 }
 
 fn stopped() -> StoreError {
@@ -244,8 +245,7 @@ fn serve(mut conn: Connection, inbox: &mpsc::Receiver<Request>, nudge: &mpsc::Sy
     while let Some(request) = next.take() {
         match request {
             Request::Write { jobs, now, reply } => {
-                let result = std::panic::catch_unwind(AssertUnwindSafe(|| write(&mut conn, &jobs, now)))
-                    .unwrap_or_else(|_| Err(panicked()));
+                let result = guarded(|| write(&mut conn, &jobs, now));
                 let _ = reply.send(result);
                 // Full means a nudge is already waiting.
                 let _ = nudge.try_send(());
@@ -264,8 +264,7 @@ fn serve(mut conn: Connection, inbox: &mpsc::Receiver<Request>, nudge: &mpsc::Sy
                         Err(_) => break,
                     }
                 }
-                let result = std::panic::catch_unwind(AssertUnwindSafe(|| upsert_users(&mut conn, &users)))
-                    .unwrap_or_else(|_| Err(panicked()));
+                let result = guarded(|| upsert_users(&mut conn, &users));
                 for (_, reply) in users {
                     let _ = reply.send(match &result {
                         Ok(()) => Ok(()),
@@ -279,8 +278,7 @@ fn serve(mut conn: Connection, inbox: &mpsc::Receiver<Request>, nudge: &mpsc::Sy
                 let _ = reply.send(truncate(&conn));
             }
             Request::Recent { thread_id, limit, reply } => {
-                let result = std::panic::catch_unwind(AssertUnwindSafe(|| recent(&conn, &thread_id, limit)))
-                    .unwrap_or_else(|_| Err(panicked()));
+                let result = guarded(|| recent(&conn, &thread_id, limit));
                 let _ = reply.send(result);
             }
         }
@@ -327,7 +325,7 @@ fn recent(conn: &Connection, thread_id: &str, limit: i64) -> Result<(Vec<Message
 /// needs no statement journal (a multi-row insert inside a transaction writes every page
 /// it touches to one, in case a later row fails).
 fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
-    let batch = Batch::new(Backend::Sqlite, jobs, now);
+    let batch = Batch::new(jobs, now);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         let mut create = tx.prepare_cached(
