@@ -93,9 +93,11 @@ struct Outbox {
     gone: bool,
 }
 
-/// What the socket task takes from the outbox in one go.
-pub struct Taken {
-    pub close: Option<CloseReason>,
+/// What [`Connection::push`] did with a frame.
+enum Push {
+    Queued,
+    Full,
+    Refused,
 }
 
 impl Connection {
@@ -126,21 +128,31 @@ impl Connection {
             tokio::pin!(room);
             {
                 let mut outbox = self.outbox();
-                // Once a close is decided, only what was queued before it still goes out.
-                if outbox.gone || outbox.close.is_some() {
-                    return false;
+                match self.push(&mut outbox, &text) {
+                    Push::Queued => return true,
+                    Push::Refused => return false,
+                    // Registered before the lock is released: a drain in between still wakes us.
+                    Push::Full => {
+                        room.as_mut().enable();
+                    }
                 }
-                if outbox.frames.len() < self.capacity {
-                    outbox.frames.push_back(text);
-                    drop(outbox);
-                    self.wake.notify_one();
-                    return true;
-                }
-                // Registered before the lock is released: a drain in between still wakes us.
-                room.as_mut().enable();
             }
             room.await;
         }
+    }
+
+    /// Queues `text` unless the outbox is full or refuses frames: once a close is decided,
+    /// only what was queued before it still goes out.
+    fn push(&self, outbox: &mut Outbox, text: &Utf8Bytes) -> Push {
+        if outbox.gone || outbox.close.is_some() {
+            return Push::Refused;
+        }
+        if outbox.frames.len() >= self.capacity {
+            return Push::Full;
+        }
+        outbox.frames.push_back(text.clone());
+        self.wake.notify_one();
+        Push::Queued
     }
 
     /// Asks the socket task to close with `reason`; the first reason wins.
@@ -164,8 +176,9 @@ impl Connection {
         self.outbox().close.is_some()
     }
 
-    /// Moves every queued frame into `into` and tells waiting senders there is room.
-    pub fn take(&self, into: &mut Vec<Utf8Bytes>) -> Taken {
+    /// Moves every queued frame into `into`, tells waiting senders there is room, and
+    /// returns the close decided, if any (to be sent after those frames).
+    pub fn take(&self, into: &mut Vec<Utf8Bytes>) -> Option<CloseReason> {
         let mut outbox = self.outbox();
         into.extend(outbox.frames.drain(..));
         if outbox.frames.capacity() > 64 {
@@ -175,7 +188,7 @@ impl Connection {
         let close = outbox.close;
         drop(outbox);
         self.room.notify_waiters();
-        Taken { close }
+        close
     }
 
     /// The socket task has ended: later frames are refused and waiting senders released.
@@ -220,19 +233,15 @@ impl Connection {
                 Some(Follow::Live { last_seq }) => *last_seq = seq,
             }
         }
-        let mut outbox = self.outbox();
-        if outbox.gone || outbox.close.is_some() {
-            return Offer::Skipped;
+        let pushed = self.push(&mut self.outbox(), text);
+        match pushed {
+            Push::Queued => Offer::Queued,
+            Push::Refused => Offer::Skipped,
+            Push::Full => {
+                self.close(CloseReason { code: 1013, reason: "send queue full" });
+                Offer::Full
+            }
         }
-        if outbox.frames.len() >= self.capacity {
-            drop(outbox);
-            self.close(CloseReason { code: 1013, reason: "send queue full" });
-            return Offer::Full;
-        }
-        outbox.frames.push_back(text.clone());
-        drop(outbox);
-        self.wake.notify_one();
-        Offer::Queued
     }
 }
 
@@ -490,14 +499,10 @@ async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mpsc::Receive
         let mut jobs = Vec::with_capacity(batch.len());
         let mut waiters = Vec::with_capacity(batch.len());
         for Pending { job, waiter, chain } in batch.drain(..) {
-            if let Some(chain) = &chain
-                && refused(&mut broken, chain)
-            {
-                let _ = waiter.reply.send(Err(DeliveryError::EarlierWriteFailed));
-                continue;
+            if let Some(waiter) = admit(&mut broken, waiter, chain.as_ref()) {
+                jobs.push(job);
+                waiters.push((waiter, chain));
             }
-            jobs.push(job);
-            waiters.push((waiter, chain));
         }
         if jobs.is_empty() {
             continue;
@@ -530,12 +535,7 @@ async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mpsc::Receive
                 // One bad job must not fail its neighbours: write each on its own.
                 tracing::warn!(error = %e, jobs = jobs.len(), "batch write failed; retrying jobs one by one");
                 for (job, (waiter, chain)) in jobs.iter().zip(waiters) {
-                    if let Some(chain) = &chain
-                        && refused(&mut broken, chain)
-                    {
-                        let _ = waiter.reply.send(Err(DeliveryError::EarlierWriteFailed));
-                        continue;
-                    }
+                    let Some(waiter) = admit(&mut broken, waiter, chain.as_ref()) else { continue };
                     let single: Arc<[WriteJob]> = Arc::new([job.clone()]);
                     match store.write_batch(&single).await {
                         Ok(firsts) => publish(&registry, job, waiter, firsts[0]),
@@ -548,6 +548,16 @@ async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mpsc::Receive
             }
         }
     }
+}
+
+/// The job's waiter if the job may be written; `None` after telling it that its run's
+/// chain is broken.
+fn admit(broken: &mut HashSet<Arc<str>>, waiter: Waiter, chain: Option<&Chain>) -> Option<Waiter> {
+    if chain.is_some_and(|chain| refused(broken, chain)) {
+        let _ = waiter.reply.send(Err(DeliveryError::EarlierWriteFailed));
+        return None;
+    }
+    Some(waiter)
 }
 
 /// Whether a chained job is refused because its run's chain is broken; a run's last

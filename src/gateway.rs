@@ -214,7 +214,7 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
     let timer = tokio::time::sleep_until(ping_at.min(idle_at));
     tokio::pin!(timer);
     loop {
-        let taken = conn.take(&mut batch);
+        let close = conn.take(&mut batch);
         if !batch.is_empty() {
             metrics::counter!(metric::FRAMES_OUT).increment(batch.len() as u64);
             let frames = std::mem::take(&mut batch);
@@ -230,7 +230,7 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
             }
             continue;
         }
-        if let Some(reason) = taken.close {
+        if let Some(reason) = close {
             Box::pin(close_socket(socket, reason)).await;
             return;
         }
