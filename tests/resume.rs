@@ -110,6 +110,12 @@ async fn subscribe_to_a_foreign_or_unknown_thread_is_forbidden() {
         assert_eq!(e["payload"]["code"], "forbidden");
         assert_eq!(e["payload"]["ref"], "s1");
         assert!(e.get("seq").is_none());
+        // unsubscribe is held to the same rule: a mute lasts as long as the connection.
+        other.send(json!({"type": "unsubscribe", "payload": {"thread_id": t}, "message_id": "u1"})).await;
+        let e = other.next().await;
+        assert_eq!(e["type"], "error");
+        assert_eq!(e["payload"]["code"], "forbidden");
+        assert_eq!(e["payload"]["ref"], "u1");
     }
     other.expect_silence(Duration::from_millis(200)).await;
 }
