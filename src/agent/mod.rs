@@ -113,9 +113,8 @@ impl RunFailure {
 
 /// What a provider sees of the run it works on.
 pub struct RunContext {
-    pub run_id: String,
-    /// `run_id`, shared with every write of the run's chain (see [`Link`]).
-    run_key: Arc<str>,
+    /// Shared with every write of the run's chain (see [`Link`]).
+    pub run_id: Arc<str>,
     pub thread_id: String,
     pub owner: String,
     pub text: String,
@@ -139,7 +138,7 @@ impl RunContext {
             rows: Vec::new(),
             events: vec![run_event(kind, &self.run_id, &payload)],
         };
-        let in_flight = self.delivery.submit_in(&self.run_key, Link::Next, job, &self.owner).await?;
+        let in_flight = self.delivery.submit_in(&self.run_id, Link::Next, job, &self.owner).await?;
         self.in_flight().push(in_flight);
         Ok(())
     }
@@ -398,8 +397,7 @@ impl Supervisor {
         let started = RunStarted { run_id: run_id.clone(), thread_id: thread_id.clone() };
         let this = self.clone();
         let ctx = RunContext {
-            run_key: Arc::from(run_id.as_str()),
-            run_id,
+            run_id: Arc::from(run_id),
             thread_id,
             owner: user_id.to_string(),
             text: text.to_string(),
@@ -436,7 +434,7 @@ impl Supervisor {
         let status = self.record_ending(&ctx, ending, elapsed_ms).await;
         metrics::counter!(metric::RUNS, "outcome" => status).increment(1);
         metrics::gauge!(metric::RUNS_ACTIVE).decrement(1.0);
-        self.runs().remove(&ctx.run_id);
+        self.runs().remove(&*ctx.run_id);
     }
 
     /// Persists how the run ended and returns the status recorded. A completion is
@@ -445,28 +443,25 @@ impl Supervisor {
     /// and the run is recorded as failed instead: a completed answer counts only once
     /// every event before it is stored.
     async fn record_ending(&self, ctx: &RunContext, ending: Ending, elapsed_ms: u64) -> &'static str {
-        let ending = match ending {
-            Ending::Completed(answer) => {
-                let (status, job) = self.ending_job(ctx, &Ending::Completed(answer), elapsed_ms);
-                let end = self.inner.delivery.submit_in(&ctx.run_key, Link::Last, job, &ctx.owner).await;
-                let settled = ctx.settle().await;
-                let recorded = match (settled, end) {
-                    (Ok(()), Ok(end)) => end.wait().await.map(|_| ()),
-                    (Err(e), _) | (_, Err(e)) => Err(e),
-                };
-                match recorded {
-                    Ok(()) => return status,
-                    Err(e) => Ending::Failed(e.into()),
-                }
+        let ending = if matches!(ending, Ending::Completed(_)) {
+            let (status, job) = self.ending_job(ctx, &ending, elapsed_ms);
+            let end = self.inner.delivery.submit_in(&ctx.run_id, Link::Last, job, &ctx.owner).await;
+            let settled = ctx.settle().await;
+            let recorded = match (settled, end) {
+                (Ok(()), Ok(end)) => end.wait().await.map(|_| ()),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+            match recorded {
+                Ok(()) => return status,
+                Err(e) => Ending::Failed(e.into()),
             }
-            other => other,
+        } else {
+            ending
         };
         let (status, job) = self.ending_job(ctx, &ending, elapsed_ms);
-        let recorded = match self.inner.delivery.submit_in(&ctx.run_key, Link::Close, job, &ctx.owner).await {
-            Ok(end) => end.wait().await.map(|_| ()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = recorded {
+        let close =
+            async { self.inner.delivery.submit_in(&ctx.run_id, Link::Close, job, &ctx.owner).await?.wait().await };
+        if let Err(e) = close.await {
             // The run stays marked running and is closed as interrupted at next start.
             tracing::error!(error = %e, status, "could not record the end of a run");
         }
@@ -501,7 +496,7 @@ impl Supervisor {
                     id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
                     role: "assistant",
                     content: answer.text.clone(),
-                    run_id: Some(ctx.run_id.clone()),
+                    run_id: Some(ctx.run_id.to_string()),
                     event_index: 1,
                 });
                 ("completed", job)
