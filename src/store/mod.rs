@@ -130,6 +130,16 @@ const UPSERT_USER: &str =
 /// A user to record and who waits for it.
 type UserRequest = (NewUser, tokio::sync::oneshot::Sender<Result<()>>);
 
+/// One batch's outcome, for each request in it: the error's kind (database away or the
+/// operation refused) is kept, its text copied.
+fn shared_outcome(result: &Result<()>) -> Result<()> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(StoreError::Unavailable(e)) => Err(StoreError::Unavailable(e.to_string().into())),
+        Err(e) => Err(StoreError::Rejected(e.to_string().into())),
+    }
+}
+
 /// PostgreSQL's user recorder: every user queued goes into one statement, so a storm of
 /// new connections is not a storm of round trips. Ends when every [`Store`] is dropped.
 async fn record_users(pool: AnyPool, mut requests: tokio::sync::mpsc::Receiver<UserRequest>) {
@@ -159,10 +169,10 @@ async fn record_users(pool: AnyPool, mut requests: tokio::sync::mpsc::Receiver<U
             for user in &rows {
                 query = query.bind(&user.id).bind(&user.email).bind(&user.name).bind(user.created_at);
             }
-            query.execute(&pool).await.map(|_| ()).map_err(|e| e.to_string())
+            query.execute(&pool).await.map(|_| ()).map_err(StoreError::from)
         };
         for (_, reply) in batch.drain(..) {
-            let _ = reply.send(result.clone().map_err(|e| StoreError::Rejected(e.into())));
+            let _ = reply.send(shared_outcome(&result));
         }
     }
 }

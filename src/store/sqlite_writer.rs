@@ -21,7 +21,10 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::{Batch, Message, NewUser, RECENT_MESSAGES, Result, Row, SQLITE_PRAGMAS, StoreError, UPSERT_USER, WriteJob};
+use super::{
+    Batch, Message, NewUser, RECENT_MESSAGES, Result, Row, SQLITE_PRAGMAS, StoreError, UPSERT_USER, WriteJob,
+    shared_outcome,
+};
 
 /// Prepared statements kept: the writer uses a handful, each for one row.
 const STATEMENT_CACHE: usize = 16;
@@ -266,11 +269,7 @@ fn serve(mut conn: Connection, inbox: &mpsc::Receiver<Request>, nudge: &mpsc::Sy
                 }
                 let result = guarded(|| upsert_users(&mut conn, &users));
                 for (_, reply) in users {
-                    let _ = reply.send(match &result {
-                        Ok(()) => Ok(()),
-                        Err(StoreError::Unavailable(e)) => Err(StoreError::Unavailable(e.to_string().into())),
-                        Err(e) => Err(StoreError::Rejected(e.to_string().into())),
-                    });
+                    let _ = reply.send(shared_outcome(&result));
                 }
                 let _ = nudge.try_send(());
             }
