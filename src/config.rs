@@ -84,6 +84,16 @@ pub const VARIABLES: &[Variable] = &[
     var("NETRA_DRAIN_TIMEOUT", "10s", "on SIGTERM, how long running runs may finish before they are cancelled"),
     var("NETRA_AGENT_TOKEN_DELAY", "15ms", "builtin agent: pause between streamed words (0 for benchmarks)"),
     var(
+        "NETRA_STREAM_INTERVAL",
+        "100ms",
+        "streamed answer text is merged into one `partial_result` per interval (0 sends every chunk)",
+    ),
+    var(
+        "NETRA_WEB_CLIENT_PACE",
+        "250ms",
+        "least time between run events on a Netra web client socket (`jwt-auth` subprotocol); 0 turns pacing off",
+    ),
+    var(
         "LLM_PROVIDER",
         "builtin (openai when LLM_BASE_URL is set)",
         "builtin (offline agent) or openai (any OpenAI-compatible chat-completions endpoint)",
@@ -231,6 +241,9 @@ pub struct Limits {
     pub run_deadline: Duration,
     pub heartbeat_interval: Duration,
     pub idle_timeout: Duration,
+    /// Least time between run events on a connection of the Netra web client, which
+    /// processes at most one event per render; zero sends at full speed.
+    pub web_client_pace: Duration,
 }
 
 /// An OpenAI-compatible chat-completions endpoint.
@@ -282,6 +295,8 @@ pub struct Config {
     pub limits: Limits,
     pub drain_timeout: Duration,
     pub agent_token_delay: Duration,
+    /// Streamed text of a run is merged into one `partial_result` per this interval.
+    pub stream_interval: Duration,
     pub llm: Llm,
     pub cors_origins: Vec<String>,
     pub log_filter: String,
@@ -546,6 +561,8 @@ impl Reader {
         }
         let drain_timeout = self.duration("NETRA_DRAIN_TIMEOUT", Duration::from_secs(10));
         let agent_token_delay = self.duration("NETRA_AGENT_TOKEN_DELAY", Duration::from_millis(15));
+        let stream_interval = self.duration("NETRA_STREAM_INTERVAL", Duration::from_millis(100));
+        let web_client_pace = self.duration("NETRA_WEB_CLIENT_PACE", Duration::from_millis(250));
         let llm = self.llm();
         let cors_origins: Vec<String> = self
             .raw("NETRA_CORS_ORIGINS")
@@ -596,9 +613,11 @@ impl Reader {
                 run_deadline,
                 heartbeat_interval,
                 idle_timeout,
+                web_client_pace,
             },
             drain_timeout,
             agent_token_delay,
+            stream_interval,
             llm,
             cors_origins,
             log_filter,

@@ -16,6 +16,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
+use crate::protocol::EventType;
 use crate::store::{Store, StoreError, WriteJob};
 use crate::telemetry::metric;
 
@@ -76,6 +77,9 @@ pub struct Connection {
     pub id: String,
     /// Shared with the registry's key for this user.
     pub user_id: Arc<str>,
+    /// The socket speaks to the Netra web client (docs/protocol.md): it gets none of the
+    /// frames that client ignores, since every frame it keeps counts against its cap.
+    pub web_client: bool,
     capacity: usize,
     outbox: Mutex<Outbox>,
     wake: Notify,
@@ -102,10 +106,11 @@ enum Push {
 
 impl Connection {
     /// A connection whose outbox holds at most `capacity` frames.
-    pub fn new(id: String, user_id: Arc<str>, capacity: usize) -> Arc<Self> {
+    pub fn new(id: String, user_id: Arc<str>, capacity: usize, web_client: bool) -> Arc<Self> {
         Arc::new(Self {
             id,
             user_id,
+            web_client,
             capacity,
             outbox: Mutex::default(),
             wake: Notify::new(),
@@ -191,6 +196,34 @@ impl Connection {
         close
     }
 
+    /// Like [`Connection::take`], but stops at the first frame `go` holds back (a paced
+    /// socket); once a close is decided everything queued goes. Also says whether frames
+    /// were left in the outbox.
+    pub fn take_while(
+        &self,
+        into: &mut Vec<Utf8Bytes>,
+        mut go: impl FnMut(&Utf8Bytes) -> bool,
+    ) -> (Option<CloseReason>, bool) {
+        let mut outbox = self.outbox();
+        let closing = outbox.close.is_some();
+        while let Some(front) = outbox.frames.front() {
+            if !closing && !go(front) {
+                break;
+            }
+            into.extend(outbox.frames.pop_front());
+        }
+        let (close, left) = (outbox.close, !outbox.frames.is_empty());
+        drop(outbox);
+        self.room.notify_waiters();
+        (close, left)
+    }
+
+    /// Whether this connection gets thread events of `kind` at all. The web client
+    /// ignores the `user_message` echo (it shows its own copy), so its sockets skip it.
+    pub fn wants(&self, kind: &str) -> bool {
+        !(self.web_client && kind == EventType::UserMessage.as_str())
+    }
+
     /// The socket task has ended: later frames are refused and waiting senders released.
     pub fn finish(&self) {
         let mut outbox = self.outbox();
@@ -219,7 +252,10 @@ impl Connection {
     }
 
     /// Offers a live event; never waits.
-    fn offer(&self, seq: u64, thread_id: &str, text: &Utf8Bytes) -> Offer {
+    fn offer(&self, kind: &str, seq: u64, thread_id: &str, text: &Utf8Bytes) -> Offer {
+        if !self.wants(kind) {
+            return Offer::Skipped;
+        }
         {
             let mut follows = self.follows();
             match follows.get_mut(thread_id) {
@@ -307,12 +343,12 @@ impl Registry {
         self.users().values().map(Vec::len).sum()
     }
 
-    fn dispatch(&self, owner: &str, thread_id: &str, seq: u64, text: &Utf8Bytes) -> DeliveryOutcome {
+    fn dispatch(&self, owner: &str, kind: &str, thread_id: &str, seq: u64, text: &Utf8Bytes) -> DeliveryOutcome {
         // Clone the list out so no registry lock is held while offering.
         let conns: Vec<Arc<Connection>> = self.users().get(owner).cloned().unwrap_or_default();
         let (mut queued, mut full) = (0, false);
         for conn in &conns {
-            match conn.offer(seq, thread_id, text) {
+            match conn.offer(kind, seq, thread_id, text) {
                 Offer::Queued => queued += 1,
                 Offer::Skipped => {}
                 Offer::Full => full = true,
@@ -461,7 +497,7 @@ impl Delivery {
                 if !self.still_replaying(conn, thread_id, generation) {
                     return Ok(());
                 }
-                if !conn.send(frame.to_text()).await {
+                if conn.wants(&frame.kind) && !conn.send(frame.to_text()).await {
                     return Ok(());
                 }
                 metrics::counter!(metric::EVENTS_REPLAYED).increment(1);
@@ -588,7 +624,7 @@ fn publish(registry: &Registry, job: &WriteJob, waiter: Waiter, first: u64) {
     for (i, event) in job.events.iter().enumerate() {
         let seq = first + i as u64;
         let text = Utf8Bytes::from(event.frame_text(&job.thread_id, seq));
-        let outcome = registry.dispatch(&waiter.owner, &job.thread_id, seq, &text);
+        let outcome = registry.dispatch(&waiter.owner, event.kind.as_str(), &job.thread_id, seq, &text);
         metrics::counter!(metric::EVENTS, "outcome" => outcome.label()).increment(1);
         if let DeliveryOutcome::Dropped(_) = outcome {
             metrics::counter!(metric::EVENTS_DROPPED, "reason" => "queue_full").increment(1);

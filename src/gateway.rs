@@ -87,20 +87,31 @@ pub(crate) async fn upgrade(
     let token = extract_token(&headers, &offered, query.as_deref());
     let limit = shared.config.limits.max_frame_bytes;
     let mut ws = ws.max_message_size(limit).max_frame_size(limit).read_buffer_size(READ_BUFFER);
-    if offered.iter().any(|p| p == "jwt-auth") {
-        ws = ws.protocols(["jwt-auth"]);
+    // A browser aborts the handshake unless one protocol it offered is selected (§1.2).
+    // Only the Netra web client offers `jwt-auth`; netra's own page offers `netra`.
+    let web_client = offered.iter().any(|p| p == WEB_CLIENT_PROTOCOL);
+    if web_client {
+        ws = ws.protocols([WEB_CLIENT_PROTOCOL]);
+    } else if offered.iter().any(|p| p == NETRA_PROTOCOL) {
+        ws = ws.protocols([NETRA_PROTOCOL]);
     }
     // The socket goes straight into a box: a value moved from one async frame into
     // another keeps its slot in both, and an idle connection is mostly its task's frames.
     ws.on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
-        .on_upgrade(move |socket| Box::pin(session(shared, Box::new(socket), token)))
+        .on_upgrade(move |socket| Box::pin(session(shared, Box::new(socket), token, web_client)))
 }
+
+/// The subprotocol the Netra web client offers beside its token. Its sockets are paced
+/// and trimmed to what that client can follow (docs/protocol.md).
+const WEB_CLIENT_PROTOCOL: &str = "jwt-auth";
+/// The subprotocol of netra's own page: full-speed streaming.
+const NETRA_PROTOCOL: &str = "netra";
 
 /// One connection's task. It holds the socket and little else while idle: the steps
 /// before the loop, each frame's handling and each write live in boxes of their own.
-async fn session(shared: Arc<Shared>, mut socket: Box<WebSocket>, token: Result<String, AuthError>) {
+async fn session(shared: Arc<Shared>, mut socket: Box<WebSocket>, token: Result<String, AuthError>, web_client: bool) {
     let _tracked = shared.connections.token();
-    let Some((app, conn)) = Box::pin(open(&shared, &mut socket, token)).await else { return };
+    let Some((app, conn)) = Box::pin(open(&shared, &mut socket, token, web_client)).await else { return };
     serve(&app, &shared, &conn, &mut socket).await;
     app.delivery.registry.unregister(&conn);
     conn.finish();
@@ -125,6 +136,7 @@ async fn open(
     shared: &Arc<Shared>,
     socket: &mut WebSocket,
     token: Result<String, AuthError>,
+    web_client: bool,
 ) -> Option<(Arc<App>, Arc<Connection>)> {
     metrics::counter!(metric::WS_CONNECTIONS_TOTAL).increment(1);
     let Some(app) = shared.wait_for_app().await else {
@@ -147,7 +159,7 @@ async fn open(
     };
     let limits = &shared.config.limits;
     let conn_id = format!("c_{}", uuid::Uuid::now_v7().simple());
-    let conn = Connection::new(conn_id, Arc::from(user.id.as_str()), limits.send_queue);
+    let conn = Connection::new(conn_id, Arc::from(user.id.as_str()), limits.send_queue, web_client);
     if app.delivery.registry.register(&conn, limits.connections_per_user).is_err() {
         close_now(socket, CLOSE_BUSY).await;
         return None;
@@ -169,6 +181,11 @@ async fn open(
     if socket.send(Message::Text(hello.into())).await.is_err() {
         app.delivery.registry.unregister(&conn);
         return None;
+    }
+    if web_client {
+        // The client processes the first frame of a type it knows when a chat view mounts
+        // again; this one is that frame, instead of the first run's `agent_started`.
+        conn.send(protocol::web_client_ready(&conn.id, &conn.user_id)).await;
     }
     Some((app, conn))
 }
@@ -211,10 +228,26 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
     let mut ping_at = Instant::now() + limits.heartbeat_interval;
     let mut handling: Option<Handling<'_>> = None;
     let mut batch = Vec::new();
+    let pace = if conn.web_client { limits.web_client_pace } else { Duration::ZERO };
+    // When the next frame of a paced socket may go, and whether frames wait for it.
+    let (mut paced_until, mut held) = (Instant::now(), false);
     let timer = tokio::time::sleep_until(ping_at.min(idle_at));
     tokio::pin!(timer);
     loop {
-        let close = conn.take(&mut batch);
+        let close = if pace.is_zero() {
+            conn.take(&mut batch)
+        } else {
+            let now = Instant::now();
+            let (close, left) = conn.take_while(&mut batch, |_| {
+                let go = now >= paced_until;
+                if go {
+                    paced_until = now + pace;
+                }
+                go
+            });
+            held = left;
+            close
+        };
         if !batch.is_empty() {
             metrics::counter!(metric::FRAMES_OUT).increment(batch.len() as u64);
             let frames = std::mem::take(&mut batch);
@@ -234,6 +267,8 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
             Box::pin(close_socket(socket, reason)).await;
             return;
         }
+        let wake_at = ping_at.min(idle_at);
+        timer.as_mut().reset(if held { wake_at.min(paced_until) } else { wake_at });
         tokio::select! {
             biased;
             () = conn.woken() => {}
@@ -271,7 +306,6 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
                 }
             }
         }
-        timer.as_mut().reset(ping_at.min(idle_at));
     }
 }
 
@@ -379,7 +413,11 @@ async fn handle(app: &App, conn: &Arc<Connection>, message: ClientMessage) -> Re
         }
         ClientMessage::SwitchThread { thread_id } => owned(app, conn, &thread_id).await,
         ClientMessage::Ping { timestamp } => {
-            conn.send(protocol::pong(timestamp.as_ref())).await;
+            // The web client ignores pongs (its handler is dead code), and every frame it
+            // keeps counts against its cap of 500: one ping every 15 s would fill it.
+            if !conn.web_client {
+                conn.send(protocol::pong(timestamp.as_ref())).await;
+            }
             Ok(())
         }
         ClientMessage::Subscribe { thread_id, after_seq } => {

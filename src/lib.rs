@@ -300,6 +300,7 @@ fn components(
                     NODE_ID.to_string(),
                     c.limits.runs_per_user,
                     c.limits.run_deadline,
+                    c.stream_interval,
                 );
                 supervisor.close_interrupted_runs().await.map_err(|e| e.to_string())?;
                 let _ = p.supervisor.set(supervisor);

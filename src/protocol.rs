@@ -313,6 +313,14 @@ pub fn connection_established(connection_id: &str, user_id: &str, heartbeat_secs
     .to_string()
 }
 
+/// The Netra web client's "ready" frame, sent after the hello to its sockets alone
+/// (docs/protocol.md): not tied to a thread, no `seq`.
+pub fn web_client_ready(connection_id: &str, user_id: &str) -> String {
+    json!({"type": "connection_established", "timestamp": now_rfc3339(), "payload": {
+        "connection_id": connection_id, "user_id": user_id, "connection_ready": true}})
+    .to_string()
+}
+
 pub fn pong(client_timestamp: Option<&Value>) -> String {
     let payload = match client_timestamp {
         Some(t) => json!({"client_timestamp": t}),

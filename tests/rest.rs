@@ -347,13 +347,27 @@ async fn agent_routes_refuse_unknown_agents_and_empty_messages() {
     assert_eq!(list, json!([]));
 }
 
+/// The routes the web client calls at start answer the empty shapes its services read
+/// (docs/protocol.md), with or without a token.
 #[tokio::test]
-async fn discovery_and_mcp_calls_get_a_harmless_404() {
+async fn discovery_and_mcp_calls_get_the_clients_empty_shapes() {
     let server = Server::start().await;
     let user = common::unique("boot");
-    for path in ["/api/discovery/services", "/api/mcp/config", "/api/mcp/servers", "/api/mcp/tools"] {
-        let (status, body) = call(&server, Method::GET, path, Some(&user), None).await;
-        assert_detail(status, &body, 404);
+    for token in [Some(user.as_str()), None] {
+        let (status, discovery) = call(&server, Method::GET, "/api/discovery/services", token, None).await;
+        assert_eq!(status, 200, "{discovery}");
+        assert_eq!(discovery["services"], json!({}), "{discovery}");
+        assert_eq!(discovery["available"], false, "{discovery}");
+        assert!(discovery["timestamp"].is_string(), "{discovery}");
+        for path in ["/api/mcp/servers", "/api/mcp/tools"] {
+            let (status, body) = call(&server, Method::GET, path, token, None).await;
+            assert_eq!(status, 200, "{path}: {body}");
+            assert_eq!(body["success"], true, "{path}: {body}");
+            assert_eq!(body["data"], json!([]), "{path}: {body}");
+        }
+        let (status, config) = call(&server, Method::GET, "/api/mcp/config", token, None).await;
+        assert_eq!(status, 200, "{config}");
+        assert_eq!(config["data"]["mcpServers"], json!({}), "{config}");
     }
 }
 

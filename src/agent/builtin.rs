@@ -1,6 +1,7 @@
 //! The builtin agent: offline and deterministic, but it really works on the message. It
 //! always reads the message with a tool, calls the calculator or the clock when the
-//! message needs one, and streams its answer word by word at the configured pace.
+//! message needs one, and streams its answer word by word at the configured pace (the
+//! run merges the words into a few deltas).
 
 use std::time::{Duration, Instant};
 
@@ -115,7 +116,7 @@ impl Builtin {
         )
         .await?;
         if self.token_delay.is_zero() {
-            ctx.emit(EventType::PartialResult, json!({"content": answer, "is_complete": false})).await?;
+            ctx.stream_text(&answer).await?;
         } else {
             let words: Vec<&str> = answer.split(' ').collect();
             for (i, word) in words.iter().enumerate() {
@@ -123,7 +124,7 @@ impl Builtin {
                 if i > 0 {
                     tokio::time::sleep(self.token_delay).await;
                 }
-                ctx.emit(EventType::PartialResult, json!({"content": chunk, "is_complete": false})).await?;
+                ctx.stream_text(&chunk).await?;
             }
         }
         Ok(Answer { text: answer, tools: tools_used.iter().map(|t| t.name().to_string()).collect(), usage: None })

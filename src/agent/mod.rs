@@ -125,13 +125,70 @@ pub struct RunContext {
     delivery: Delivery,
     /// Emitted events whose commit has not been confirmed yet.
     in_flight: std::sync::Mutex<Vec<InFlight>>,
+    /// Streamed text held back to be merged (see [`RunContext::stream_text`]).
+    held: std::sync::Mutex<HeldText>,
+    stream_interval: Duration,
+}
+
+/// Answer text streamed but not yet emitted, and when the last `partial_result` went.
+#[derive(Default)]
+struct HeldText {
+    pending: String,
+    last_sent: Option<tokio::time::Instant>,
 }
 
 impl RunContext {
     /// Persists and publishes one event of this run. The write is pipelined: the run does
     /// not wait for each commit (the writer keeps submission order, so events still
     /// commit and publish in order), but the first failed write fails the next emit.
+    /// Text streamed before it is emitted first, so the thread keeps its order.
     pub async fn emit(&self, kind: EventType, payload: Value) -> Result<(), DeliveryError> {
+        self.flush_text().await?;
+        self.push_event(kind, payload).await
+    }
+
+    /// Streams answer text as `partial_result` deltas, merged: the first chunk goes at
+    /// once, later chunks wait until the stream interval has passed since the last delta
+    /// and then go together. A run is then a handful of events, not one per token, at
+    /// whatever pace the model writes; held text goes before the run's next event, when
+    /// [`RunContext::text_due`] says so, and before the run's ending.
+    pub async fn stream_text(&self, chunk: &str) -> Result<(), DeliveryError> {
+        let due = {
+            let mut held = self.held();
+            held.pending.push_str(chunk);
+            held.last_sent.is_none_or(|t| t.elapsed() >= self.stream_interval)
+        };
+        if due { self.flush_text().await } else { Ok(()) }
+    }
+
+    /// When held text is due, if any: a provider waiting on a slow source emits it then
+    /// with [`RunContext::flush_text`].
+    pub fn text_due(&self) -> Option<tokio::time::Instant> {
+        let held = self.held();
+        if held.pending.is_empty() {
+            return None;
+        }
+        Some(held.last_sent.map_or_else(tokio::time::Instant::now, |t| t + self.stream_interval))
+    }
+
+    /// Emits the held text now, if there is any.
+    pub async fn flush_text(&self) -> Result<(), DeliveryError> {
+        let text = {
+            let mut held = self.held();
+            if held.pending.is_empty() {
+                return Ok(());
+            }
+            held.last_sent = Some(tokio::time::Instant::now());
+            std::mem::take(&mut held.pending)
+        };
+        self.push_event(EventType::PartialResult, json!({"content": text, "is_complete": false})).await
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HeldText> {
+        self.held.lock().expect("held-text lock is never held across a panic")
+    }
+
+    async fn push_event(&self, kind: EventType, payload: Value) -> Result<(), DeliveryError> {
         self.check_written()?;
         let job = WriteJob {
             thread_id: self.thread_id.clone(),
@@ -228,6 +285,8 @@ struct Inner {
     node_id: String,
     runs_per_user: usize,
     deadline: Duration,
+    /// How long streamed text is held to be merged into one delta.
+    stream_interval: Duration,
     runs: Mutex<HashMap<String, ActiveRun>>,
     tracker: TaskTracker,
     accepting: AtomicBool,
@@ -256,6 +315,7 @@ impl Supervisor {
         node_id: String,
         runs_per_user: usize,
         deadline: Duration,
+        stream_interval: Duration,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -265,6 +325,7 @@ impl Supervisor {
                 node_id,
                 runs_per_user,
                 deadline,
+                stream_interval,
                 runs: Mutex::new(HashMap::new()),
                 tracker: TaskTracker::new(),
                 accepting: AtomicBool::new(true),
@@ -405,6 +466,8 @@ impl Supervisor {
             message_seq,
             delivery: self.inner.delivery.clone(),
             in_flight: Default::default(),
+            held: Default::default(),
+            stream_interval: self.inner.stream_interval,
         };
         self.inner.tracker.spawn(async move { this.execute(ctx, cancel).await });
         Ok(started)
@@ -443,6 +506,12 @@ impl Supervisor {
     /// and the run is recorded as failed instead: a completed answer counts only once
     /// every event before it is stored.
     async fn record_ending(&self, ctx: &RunContext, ending: Ending, elapsed_ms: u64) -> &'static str {
+        // Text held for merging belongs to the answer, also of a stopped run. If it cannot
+        // be written, the ending below says how the run ended.
+        let ending = match (ctx.flush_text().await, ending) {
+            (Err(e), Ending::Completed(_)) => Ending::Failed(e.into()),
+            (_, ending) => ending,
+        };
         let ending = if matches!(ending, Ending::Completed(_)) {
             let (status, job) = self.ending_job(ctx, &ending, elapsed_ms);
             let end = self.inner.delivery.submit_in(&ctx.run_id, Link::Last, job, &ctx.owner).await;

@@ -1,9 +1,9 @@
 //! The `openai` provider: any OpenAI-compatible chat-completions endpoint (OpenAI, Ollama,
 //! vLLM, llama.cpp server, LM Studio). A run sends the system prompt, the thread's earlier
 //! messages within a character budget, and the builtin tools as function tools. The reply
-//! streams back as server-sent events: the text deltas of each network read become one
-//! `partial_result`; tool calls run here, and their results go back to the model for a
-//! bounded number of rounds. Every upstream failure is an [`UpstreamError`] with a reason
+//! streams back as server-sent events: the text deltas go to the run's merged stream
+//! (one `partial_result` per stream interval); tool calls run here, and their results go
+//! back to the model for a bounded number of rounds. Every upstream failure is an [`UpstreamError`] with a reason
 //! code; only failures before any byte of a reply (connect errors, 429, 5xx) are retried.
 //! A stopped run drops the response stream, which closes the upstream connection.
 
@@ -208,9 +208,21 @@ impl OpenAi {
         let mut parser = SseParser::default();
         let mut reply = Reply::default();
         loop {
-            let read = tokio::time::timeout(self.endpoint.timeout, stream.next()).await.map_err(|_| {
-                UpstreamError::Silent { url: self.endpoint.base_url.clone(), after: self.endpoint.timeout }
-            })?;
+            let silent_at = tokio::time::Instant::now() + self.endpoint.timeout;
+            // While the model pauses, text held for merging still goes out when it is due.
+            let read = loop {
+                match ctx.text_due() {
+                    Some(due) if due < silent_at => match tokio::time::timeout_at(due, stream.next()).await {
+                        Ok(read) => break read,
+                        Err(_) => ctx.flush_text().await?,
+                    },
+                    _ => {
+                        break tokio::time::timeout_at(silent_at, stream.next()).await.map_err(|_| {
+                            UpstreamError::Silent { url: self.endpoint.base_url.clone(), after: self.endpoint.timeout }
+                        })?;
+                    }
+                }
+            };
             let (events, ended) = match read {
                 Some(Ok(bytes)) => (parser.push(&bytes)?, false),
                 Some(Err(e)) => return Err(UpstreamError::Cut(innermost_cause(&e)).into()),
@@ -224,7 +236,7 @@ impl OpenAi {
                 }
             }
             if !text.is_empty() {
-                ctx.emit(EventType::PartialResult, json!({"content": text, "is_complete": false})).await?;
+                ctx.stream_text(&text).await?;
             }
             if reply.done {
                 break;

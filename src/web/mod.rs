@@ -4,6 +4,7 @@
 //! they read the published `App` and answer 503 before it exists.
 
 mod auth;
+mod client;
 mod threads;
 
 use std::sync::Arc;
@@ -146,6 +147,7 @@ impl FromRequestParts<Arc<Shared>> for Authed {
         auth::config, auth::dev_login, auth::refresh, auth::me, auth::logout, auth::validate, auth::session,
         threads::list, threads::create, threads::get_one, threads::update, threads::delete, threads::messages,
         threads::execute_v2, threads::execute_v1,
+        client::discovery, client::mcp_servers, client::mcp_tools, client::mcp_config,
     ),
     modifiers(&BearerAuth),
 )]
@@ -201,6 +203,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/threads/{id}/messages", get(threads::messages))
         .route("/api/agent/v2/execute", post(threads::execute_v2))
         .route("/api/agents/{kind}", post(threads::execute_v1))
+        .route("/api/discovery/services", get(client::discovery))
+        .route("/api/mcp/servers", get(client::mcp_servers))
+        .route("/api/mcp/tools", get(client::mcp_tools))
+        .route("/api/mcp/config", get(client::mcp_config))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(count_requests))
         .layer(cors)
@@ -251,6 +257,10 @@ mod tests {
             "/api/threads/{id}/messages",
             "/api/agent/v2/execute",
             "/api/agents/{kind}",
+            "/api/discovery/services",
+            "/api/mcp/servers",
+            "/api/mcp/tools",
+            "/api/mcp/config",
         ] {
             assert!(doc["paths"].get(path).is_some(), "{path} missing from the OpenAPI document");
         }

@@ -196,8 +196,8 @@ describe("the built-in chat page at a steady pace (20 ms per word)", () => {
       const page = await context.newPage();
       const frames = recordFrames(page);
       await page.goto(`${server.base}/`);
-      // Dev login, then `/ws` with the jwt-auth subprotocols: Chrome only opens the socket
-      // when the server echoes `jwt-auth`, so this header proves the echo.
+      // Dev login, then `/ws` offering `netra` and `jwt.<token>`: Chrome only opens the
+      // socket when the server selects an offered protocol, so connecting proves it does.
       await waitConnected(page);
       assert.deepEqual(await text(page, "#threads li"), [], "a new user has no threads");
 
