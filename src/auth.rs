@@ -54,6 +54,8 @@ pub enum AuthError {
     BadSignature,
     #[error("Token expired")]
     Expired,
+    #[error("token is not valid yet")]
+    NotYetValid,
     #[error("token is not of the right type")]
     WrongType,
 }
@@ -66,6 +68,7 @@ impl AuthError {
             Self::Malformed => "malformed",
             Self::BadSignature => "bad_signature",
             Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
             Self::WrongType => "wrong_type",
         }
     }
@@ -110,6 +113,8 @@ impl Keys {
         validation.algorithms = vec![Algorithm::HS256];
         validation.leeway = 0;
         validation.validate_aud = false;
+        // A token with `nbf` in the future is not valid yet (RFC 7519 §4.1.5).
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Self {
             encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
@@ -144,6 +149,7 @@ impl Keys {
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                     AuthError::BadSignature
                 }

@@ -354,13 +354,21 @@ fn inbound<'a>(
     };
     metrics::counter!(metric::FRAMES_IN).increment(1);
     let reply = |error: ProtocolError| -> Inbound<'a> { Inbound::Handle(Box::pin(reply_error(conn, error))) };
+    // Parsed before the rate check, so even a refused frame's error names its reference.
+    let parsed = text.map(|t| protocol::parse_client_frame(t.as_str()));
     if !rate.allow() {
-        return reply(ProtocolError::new(ErrorCode::RateLimited, "too many frames; this one was not processed"));
+        let mut e = ProtocolError::new(ErrorCode::RateLimited, "too many frames; this one was not processed");
+        e.reference = match parsed {
+            Some(Ok(inbound)) => inbound.reference,
+            Some(Err(refused)) => refused.reference,
+            None => None,
+        };
+        return reply(e);
     }
-    let Some(text) = text else {
+    let Some(parsed) = parsed else {
         return reply(ProtocolError::new(ErrorCode::InvalidJson, "binary frames are not part of the protocol"));
     };
-    match protocol::parse_client_frame(text.as_str()) {
+    match parsed {
         Ok(inbound) => Inbound::Handle(Box::pin(async move {
             if let Err(mut e) = handle(app, conn, inbound.message).await {
                 e.reference = inbound.reference;
@@ -386,14 +394,27 @@ async fn reply_error(conn: &Connection, error: ProtocolError) {
 
 /// Checks that `thread_id` is a live thread of the connection's user.
 async fn owned(app: &App, conn: &Connection, thread_id: &str) -> Result<(), ProtocolError> {
-    match app.store.thread_owner(thread_id).await {
-        Ok(owner) if *owner == *conn.user_id => Ok(()),
-        Ok(_) | Err(StoreError::NotFound) => Err(ProtocolError::new(ErrorCode::Forbidden, "thread not found")),
-        Err(e) => {
-            tracing::warn!(error = %e, "thread lookup failed");
-            Err(ProtocolError::new(ErrorCode::Internal, "could not read the thread; try again"))
-        }
+    let owner = app.store.thread_owner(thread_id).await.map_err(lookup_failed)?;
+    if *owner == *conn.user_id { Ok(()) } else { Err(thread_not_found()) }
+}
+
+/// Like [`owned`], and the thread's last committed `seq`.
+async fn owned_last_seq(app: &App, conn: &Connection, thread_id: &str) -> Result<u64, ProtocolError> {
+    let thread = app.store.thread(thread_id).await.map_err(lookup_failed)?;
+    if *thread.owner_id == *conn.user_id { Ok(thread.last_seq.max(0) as u64) } else { Err(thread_not_found()) }
+}
+
+/// A foreign thread and a missing one look the same to the client.
+fn thread_not_found() -> ProtocolError {
+    ProtocolError::new(ErrorCode::Forbidden, "thread not found")
+}
+
+fn lookup_failed(e: StoreError) -> ProtocolError {
+    if matches!(e, StoreError::NotFound) {
+        return thread_not_found();
     }
+    tracing::warn!(error = %e, "thread lookup failed");
+    ProtocolError::new(ErrorCode::Internal, "could not read the thread; try again")
 }
 
 async fn handle(app: &App, conn: &Arc<Connection>, message: ClientMessage) -> Result<(), ProtocolError> {
@@ -421,7 +442,13 @@ async fn handle(app: &App, conn: &Arc<Connection>, message: ClientMessage) -> Re
             Ok(())
         }
         ClientMessage::Subscribe { thread_id, after_seq } => {
-            owned(app, conn, &thread_id).await?;
+            let last_seq = owned_last_seq(app, conn, &thread_id).await?;
+            if after_seq > last_seq {
+                // Live delivery drops what is not past `after_seq`: accepting it would mute
+                // the thread on this socket until its seq caught up.
+                let message = format!("after_seq {after_seq} is past the thread's last seq {last_seq}");
+                return Err(ProtocolError::new(ErrorCode::InvalidField, message));
+            }
             let delivery = app.delivery.clone();
             let conn = conn.clone();
             app.tasks.spawn(async move {

@@ -187,6 +187,24 @@ async fn expired_token_in_the_subprotocol_gets_token_expired() {
     refused_and_counted(|s| Auth::Subprotocol(expired_token(s, "late")), "token_expired").await;
 }
 
+/// A token whose `nbf` is an hour ahead is not valid yet (RFC 7519 §4.1.5), on the socket
+/// and on the REST API.
+#[tokio::test]
+async fn token_not_valid_before_an_hour_ahead_is_unauthorized() {
+    let early = |s: &Server| {
+        let now = now();
+        let claims = json!({"sub": "early", "iat": now, "nbf": now + 3600, "exp": now + 7200,
+                            "type": "access", "token_type": "access"});
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(s.secret.as_bytes()))
+            .expect("sign")
+    };
+    let server = Server::start().await;
+    let response =
+        reqwest::Client::new().get(server.http("/api/threads")).bearer_auth(early(&server)).send().await.expect("get");
+    assert_detail(response, StatusCode::UNAUTHORIZED).await;
+    refused_and_counted(|s| Auth::Header(early(s)), "unauthorized").await;
+}
+
 #[tokio::test]
 async fn token_signed_with_another_key_is_unauthorized() {
     refused_and_counted(|_| Auth::Header(wrong_key_token("forger")), "unauthorized").await;
