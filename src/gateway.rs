@@ -21,6 +21,7 @@ use crate::agent::StartError;
 use crate::auth::{AuthError, TokenKind};
 use crate::delivery::{CloseReason, Connection};
 use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
+use crate::rate::RateWindow;
 use crate::store::StoreError;
 use crate::telemetry::metric;
 use crate::{App, Shared};
@@ -194,25 +195,6 @@ async fn open(
 /// last frames and the close frame; one that stopped reading is dropped after this.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// A fixed-window counter of inbound data frames.
-struct RateWindow {
-    limit: u32,
-    window: Duration,
-    started: Instant,
-    count: u32,
-}
-
-impl RateWindow {
-    fn allow(&mut self) -> bool {
-        if self.started.elapsed() >= self.window {
-            self.started = Instant::now();
-            self.count = 0;
-        }
-        self.count += 1;
-        self.count <= self.limit
-    }
-}
-
 /// A frame being handled: the next one is read once it is done, so a connection's
 /// frames are handled in order and a client cannot pile up work.
 type Handling<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
@@ -222,8 +204,7 @@ type Handling<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Sen
 /// after the idle timeout or when asked to.
 async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut WebSocket) {
     let limits = &shared.config.limits;
-    let mut rate =
-        RateWindow { limit: limits.rate_limit, window: limits.rate_window, started: Instant::now(), count: 0 };
+    let mut rate = RateWindow::new(limits.rate_limit, limits.rate_window);
     let mut idle_at = Instant::now() + limits.idle_timeout;
     let mut ping_at = Instant::now() + limits.heartbeat_interval;
     let mut handling: Option<Handling<'_>> = None;

@@ -13,6 +13,7 @@ pub mod delivery;
 mod gateway;
 mod health;
 pub mod protocol;
+mod rate;
 mod selftest;
 pub mod startup;
 pub mod store;
@@ -47,6 +48,8 @@ pub struct App {
     pub supervisor: Supervisor,
     /// Short tasks spawned on behalf of connections (replays).
     pub tasks: TaskTracker,
+    /// The rate limit of the REST routes that start runs, per user.
+    pub(crate) run_rates: rate::UserRates,
 }
 
 /// What the HTTP layer holds from the first millisecond, before the `App` exists.
@@ -314,6 +317,7 @@ fn components(
             let (c, p, s) = (c.clone(), p.clone(), s.clone());
             async move {
                 let app = App {
+                    run_rates: rate::UserRates::new(c.limits.rate_limit, c.limits.rate_window),
                     config: c,
                     keys: part(&p.keys, "auth"),
                     store: part(&p.store, "store"),

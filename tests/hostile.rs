@@ -52,3 +52,101 @@ async fn subscribe_past_the_last_seq_is_invalid_and_mutes_nothing() {
     tab.send(json!({"type": "ping", "timestamp": 1})).await;
     assert_eq!(tab.next().await["type"], "pong");
 }
+
+async fn post(server: &common::Server, path: &str, user: &str, body: serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(server.http(path))
+        .bearer_auth(server.token(user))
+        .json(&body)
+        .send()
+        .await
+        .expect("post")
+}
+
+async fn detail(response: reqwest::Response) -> String {
+    let body: serde_json::Value = response.json().await.expect("a JSON error body");
+    body["detail"].as_str().unwrap_or_else(|| panic!("a detail: {body}")).to_string()
+}
+
+/// The REST agent routes take no message the socket would refuse: the body is held to the
+/// socket's frame limit, answered 413 with a JSON detail, and nothing reaches any tab.
+#[tokio::test]
+async fn a_rest_message_past_the_frame_limit_is_413_and_reaches_no_tab() {
+    let server = Spawn::new().env("NETRA_MAX_FRAME_BYTES", "65536").ready().await;
+    let mut tab = server.connect("big").await;
+    let huge = "x".repeat(200_000);
+    for path in ["/api/agent/v2/execute", "/api/agents/triage"] {
+        let response = post(&server, path, "big", json!({"message": huge})).await;
+        assert_eq!(response.status(), 413, "{path}");
+        assert!(!detail(response).await.is_empty());
+    }
+    tab.expect_silence(std::time::Duration::from_millis(300)).await;
+    // Within the limit it is a run like any other.
+    let response = post(&server, "/api/agent/v2/execute", "big", json!({"message": "x".repeat(60_000)})).await;
+    assert_eq!(response.status(), 200);
+}
+
+/// The REST agent routes count against the same rate limit as a socket's frames.
+#[tokio::test]
+async fn rest_runs_are_rate_limited_with_retry_after() {
+    let server = Spawn::new()
+        .env("NETRA_RATE_LIMIT", "2")
+        .env("NETRA_RATE_WINDOW", "60s")
+        .env("NETRA_MAX_RUNS_PER_USER", "50")
+        .ready()
+        .await;
+    for _ in 0..2 {
+        assert_eq!(post(&server, "/api/agent/v2/execute", "eager", json!({"message": "hi"})).await.status(), 200);
+    }
+    let refused = post(&server, "/api/agents/data", "eager", json!({"message": "hi"})).await;
+    assert_eq!(refused.status(), 429);
+    let wait: u64 = refused.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    assert!((1..=60).contains(&wait), "retry-after {wait}");
+    assert!(!detail(refused).await.is_empty());
+    // Another user has a window of their own.
+    assert_eq!(post(&server, "/api/agent/v2/execute", "calm", json!({"message": "hi"})).await.status(), 200);
+}
+
+/// Metadata merges are capped: it cannot grow past 16 KiB however many updates come.
+#[tokio::test]
+async fn thread_metadata_cannot_grow_without_bound() {
+    let server = Spawn::new().ready().await;
+    let http = reqwest::Client::new();
+    let token = server.token("hoarder");
+    let thread: serde_json::Value =
+        post(&server, "/api/threads", "hoarder", json!({"title": "t"})).await.json().await.expect("thread");
+    let url = server.http(&format!("/api/threads/{}", thread["id"].as_str().expect("id")));
+    let blob = "y".repeat(6_000);
+    let mut refused = 0;
+    for i in 0..6 {
+        let response = http
+            .put(&url)
+            .bearer_auth(&token)
+            .json(&json!({"metadata": {format!("k{i}"): blob}}))
+            .send()
+            .await
+            .expect("put");
+        match response.status().as_u16() {
+            200 => {}
+            422 => {
+                refused += 1;
+                assert!(detail(response).await.contains("16384"));
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(refused, 4, "two 6 KB keys fit in 16 KiB, a third does not");
+    let list: serde_json::Value = http
+        .get(server.http("/api/threads"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert!(list[0]["metadata"].to_string().len() <= 16 * 1024, "stored metadata stays within the cap");
+    // Creating with too much at once is refused the same way.
+    let response = post(&server, "/api/threads", "hoarder", json!({"metadata": {"a": "z".repeat(20_000)}})).await;
+    assert_eq!(response.status(), 422);
+}

@@ -36,6 +36,9 @@ pub enum StoreError {
     Rejected(#[source] Cause),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The request would break a limit; the message says which.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("migration {version} failed: {source}")]
     Migration { version: i64, source: sqlx::Error },
 }
@@ -539,6 +542,7 @@ impl Store {
         metadata: &Value,
     ) -> Result<Thread> {
         let now = now_ms();
+        let metadata = metadata_text(metadata)?;
         sqlx::query(
             "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
              VALUES ($1, $2, $3, $4, $5, $5, 0)",
@@ -546,7 +550,7 @@ impl Store {
         .bind(thread_id)
         .bind(owner_id)
         .bind(title)
-        .bind(metadata.to_string())
+        .bind(metadata)
         .bind(now)
         .execute(&self.pool)
         .await?;
@@ -574,10 +578,11 @@ impl Store {
                 target.insert(k.clone(), v.clone());
             }
         }
+        let merged = metadata_text(&merged)?;
         sqlx::query("UPDATE threads SET title = COALESCE($2, title), metadata = $3, updated_at = $4 WHERE id = $1")
             .bind(thread_id)
             .bind(title)
-            .bind(merged.to_string())
+            .bind(merged)
             .bind(now_ms())
             .execute(&mut *tx)
             .await?;
@@ -1033,6 +1038,21 @@ impl Placeholders {
 const RECENT_MESSAGES: &str = "SELECT id, role, content, created_at, metadata, seq, \
      (SELECT last_seq FROM threads WHERE id = $1) AS through_seq \
      FROM messages WHERE thread_id = $1 ORDER BY seq DESC LIMIT $2";
+
+/// The most a thread's metadata may hold, as stored JSON. Every thread listing returns it.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// A thread's metadata as stored, if it is within [`MAX_METADATA_BYTES`].
+fn metadata_text(metadata: &Value) -> Result<String> {
+    let text = metadata.to_string();
+    if text.len() > MAX_METADATA_BYTES {
+        return Err(StoreError::TooLarge(format!(
+            "thread metadata would be {} bytes; the limit is {MAX_METADATA_BYTES}",
+            text.len()
+        )));
+    }
+    Ok(text)
+}
 
 const THREAD_SELECT: &str = "SELECT t.id, t.owner_id, t.title, t.metadata, t.created_at, t.updated_at, t.last_seq, \
      (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id) AS message_count FROM threads t";

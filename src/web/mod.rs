@@ -38,17 +38,31 @@ pub(crate) struct Detail {
 pub(crate) struct ApiError {
     status: StatusCode,
     detail: String,
+    /// Whole seconds for a `retry-after` header.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, detail: impl Into<String>) -> Self {
-        Self { status, detail: detail.into() }
+        Self { status, detail: detail.into(), retry_after: None }
+    }
+
+    /// 429 with a `retry-after` of `wait`, rounded up to whole seconds.
+    fn rate_limited(wait: std::time::Duration) -> Self {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "too many requests; try again later");
+        e.retry_after = Some(secs.max(1));
+        e
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(Detail { detail: self.detail })).into_response()
+        let mut response = (self.status, Json(Detail { detail: self.detail })).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }
 
@@ -56,6 +70,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => Self::new(StatusCode::NOT_FOUND, "not found"),
+            StoreError::TooLarge(detail) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, detail),
             other => {
                 tracing::warn!(error = %other, "store error in a request");
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "the database is unavailable; try again")
@@ -208,6 +223,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/mcp/tools", get(client::mcp_tools))
         .route("/api/mcp/config", get(client::mcp_config))
         .fallback(not_found)
+        // A REST body is held to the socket's frame limit: no way in takes a bigger message.
+        .layer(axum::extract::DefaultBodyLimit::max(shared.config.limits.max_frame_bytes))
         .layer(axum::middleware::from_fn(count_requests))
         .layer(cors)
         // Outside the CORS layer: it answers preflights itself, without calling inward.

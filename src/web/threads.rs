@@ -114,7 +114,8 @@ pub(crate) async fn get_one(auth: Authed, Path(id): Path<String>) -> Result<Json
 
 #[utoipa::path(put, path = "/api/threads/{id}", tag = "threads", params(("id" = String, Path)), request_body = ThreadBody,
     security(("bearer" = [])),
-    responses((status = 200, body = ThreadOut), (status = 403, body = Detail), (status = 404, body = Detail)))]
+    responses((status = 200, body = ThreadOut), (status = 403, body = Detail), (status = 404, body = Detail),
+              (status = 422, description = "metadata not an object, or past 16 KiB once merged", body = Detail)))]
 pub(crate) async fn update(
     auth: Authed,
     Path(id): Path<String>,
@@ -230,9 +231,11 @@ pub(crate) struct ExecuteV2Reply {
 
 /// Starts a run like `start_agent` and answers at once; the events stream over the socket.
 #[utoipa::path(post, path = "/api/agent/v2/execute", tag = "agents", request_body = AgentRequest, security(("bearer" = [])),
-    responses((status = 200, body = ExecuteV2Reply), (status = 404, body = Detail), (status = 422, body = Detail),
-              (status = 429, description = "too many runs for this user", body = Detail)))]
+    responses((status = 200, body = ExecuteV2Reply), (status = 404, body = Detail),
+              (status = 413, description = "body past NETRA_MAX_FRAME_BYTES", body = Detail), (status = 422, body = Detail),
+              (status = 429, description = "too many runs or requests for this user", body = Detail)))]
 pub(crate) async fn execute_v2(auth: Authed, Body(body): Body<AgentRequest>) -> Result<Json<ExecuteV2Reply>, ApiError> {
+    auth.app.run_rates.allow(&auth.user.id).map_err(ApiError::rate_limited)?;
     let text = body.text()?;
     let thread_id = body.thread_id.as_deref().filter(|t| !t.is_empty());
     let started = auth.app.supervisor.start(&auth.user.id, thread_id, &text).await?;
@@ -262,7 +265,9 @@ pub(crate) struct ExecuteV1Reply {
 /// The v1 routes carry no thread id: the run goes to the user's most recent thread.
 #[utoipa::path(post, path = "/api/agents/{kind}", tag = "agents", request_body = AgentRequest,
     params(("kind" = String, Path, description = "triage, data or optimization")), security(("bearer" = [])),
-    responses((status = 200, body = ExecuteV1Reply), (status = 404, body = Detail), (status = 422, body = Detail)))]
+    responses((status = 200, body = ExecuteV1Reply), (status = 404, body = Detail),
+              (status = 413, description = "body past NETRA_MAX_FRAME_BYTES", body = Detail), (status = 422, body = Detail),
+              (status = 429, description = "too many runs or requests for this user", body = Detail)))]
 pub(crate) async fn execute_v1(
     auth: Authed,
     Path(kind): Path<String>,
@@ -271,6 +276,7 @@ pub(crate) async fn execute_v1(
     if !matches!(kind.as_str(), "triage" | "data" | "optimization") {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no agent '{kind}'")));
     }
+    auth.app.run_rates.allow(&auth.user.id).map_err(ApiError::rate_limited)?;
     let text = body.text()?;
     let latest = auth.app.store.threads_of(&auth.user.id, 1, 0).await?;
     let started = auth.app.supervisor.start(&auth.user.id, latest.first().map(|t| t.id.as_str()), &text).await?;
