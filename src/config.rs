@@ -67,8 +67,16 @@ pub const VARIABLES: &[Variable] = &[
     var("NETRA_DEV_LOGIN", "(dev) true, (prod) false", "serve POST /auth/dev/login"),
     var("NETRA_DEV_TOKEN_TTL", "24h", "lifetime of tokens from dev login"),
     var("NETRA_STARTUP_WAIT", "30s", "how long a WebSocket upgrade waits for startup before closing 1011"),
-    var("NETRA_MAX_FRAME_BYTES", "131072", "largest inbound frame (at least 65536); larger closes 1009. Also the largest REST body (413)"),
-    var("NETRA_RATE_LIMIT", "120", "inbound frames per connection per NETRA_RATE_WINDOW; more get `rate_limited`. Also REST run starts per user (429)"),
+    var(
+        "NETRA_MAX_FRAME_BYTES",
+        "131072",
+        "largest inbound frame (at least 65536); larger closes 1009. Also the largest REST body (413)",
+    ),
+    var(
+        "NETRA_RATE_LIMIT",
+        "120",
+        "inbound frames per connection per NETRA_RATE_WINDOW; more get `rate_limited`. Also REST run starts per user (429)",
+    ),
     var("NETRA_RATE_WINDOW", "60s", "window of the inbound rate limit"),
     var("NETRA_MAX_CONNECTIONS_PER_USER", "10", "open sockets per user; one more closes 1013"),
     var("NETRA_MAX_RUNS_PER_USER", "3", "concurrent agent runs per user; one more gets `busy`"),

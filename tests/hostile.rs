@@ -150,3 +150,36 @@ async fn thread_metadata_cannot_grow_without_bound() {
     let response = post(&server, "/api/threads", "hoarder", json!({"metadata": {"a": "z".repeat(20_000)}})).await;
     assert_eq!(response.status(), 422);
 }
+
+/// Every REST error is `{"detail"}` JSON, including the ones the framework makes itself.
+#[tokio::test]
+async fn framework_errors_are_json_details_too() {
+    let server = Spawn::new().ready().await;
+    let http = reqwest::Client::new();
+    let token = server.token("strict");
+    let cases = [
+        (http.delete(server.http("/api/threads")).bearer_auth(&token), 405),
+        (http.patch(server.http("/auth/config")), 405),
+        (http.get(server.http("/api/threads?limit=lots")).bearer_auth(&token), 400),
+        (http.get(server.http("/ws")), 400),
+        (http.get(server.http("/no/such/route")), 404),
+        (
+            http.post(server.http("/api/threads"))
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .body("{not json"),
+            400,
+        ),
+    ];
+    for (request, status) in cases {
+        let response = request.send().await.expect("send");
+        let url = response.url().to_string();
+        assert_eq!(response.status().as_u16(), status, "{url}");
+        if status == 405 {
+            assert!(response.headers().contains_key("allow"), "{url}: 405 names the allowed methods");
+        }
+        let kind = response.headers()["content-type"].to_str().expect("ascii").to_string();
+        assert!(kind.starts_with("application/json"), "{url}: {kind}");
+        assert!(!detail(response).await.is_empty(), "{url}");
+    }
+}

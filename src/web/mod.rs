@@ -229,6 +229,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .layer(cors)
         // Outside the CORS layer: it answers preflights itself, without calling inward.
         .layer(axum::middleware::map_response(preflight_no_content))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(shared)
 }
 
@@ -247,6 +248,30 @@ async fn preflight_no_content(mut response: Response) -> Response {
         *response.status_mut() = StatusCode::NO_CONTENT;
     }
     response
+}
+
+/// Every error is `{"detail"}` JSON (PROTOCOL.md §4), whoever made it: axum's own
+/// rejections (405 with no body, text/plain 400s for a bad query string or a `GET /ws`
+/// without upgrade headers, 413s) are rewritten here, once, with their headers kept.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json =
+        response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // axum's rejection texts are short; anything longer is cut, not buffered.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let detail = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_string(),
+        t => t.to_string(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let body = serde_json::to_vec(&Detail { detail }).expect("a string serializes");
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 async fn count_requests(request: Request, next: Next) -> Response {
