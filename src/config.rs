@@ -207,7 +207,7 @@ impl DatabaseUrl {
     pub fn masked(&self) -> String {
         match self {
             Self::Sqlite(path) => format!("sqlite://{}", path.display()),
-            Self::Postgres(url) => mask_url_password(url.expose()),
+            Self::Postgres(url) => mask_url(url.expose()),
         }
     }
 }
@@ -218,16 +218,38 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
-fn mask_url_password(url: &str) -> String {
+/// `url` with its password and every secret-looking query value replaced by `***`, safe
+/// to print. A password may itself hold `/`, `:` or `@`: the user part runs to the last
+/// `@` before the query.
+pub fn mask_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
+    let (location, query) = rest.split_at(rest.find(['?', '#']).unwrap_or(rest.len()));
+    let location = match location.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => location.to_string(),
         },
-        None => url.to_string(),
-    }
+        None => location.to_string(),
+    };
+    format!("{scheme}://{location}{}", mask_query(query))
+}
+
+/// Query keys whose values are credentials (`password`, `sslpassword`, `api_key`, …).
+const SECRET_KEY_PARTS: &[&str] = &["pass", "pwd", "secret", "token", "key", "auth", "cred", "sig"];
+
+fn mask_query(query: &str) -> String {
+    let Some(pairs) = query.strip_prefix('?') else { return query.to_string() };
+    let (pairs, fragment) = pairs.split_at(pairs.find('#').unwrap_or(pairs.len()));
+    let masked: Vec<String> = pairs
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if SECRET_KEY_PARTS.iter().any(|p| key.to_ascii_lowercase().contains(p)) => {
+                format!("{key}=***")
+            }
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("?{}{fragment}", masked.join("&"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,7 +277,7 @@ pub struct Limits {
 }
 
 /// An OpenAI-compatible chat-completions endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct OpenAiEndpoint {
     /// Without a trailing `/`, e.g. `http://127.0.0.1:11434/v1`.
     pub base_url: String,
@@ -263,6 +285,24 @@ pub struct OpenAiEndpoint {
     pub model: String,
     /// Longest wait for a reply to start, and between two streamed chunks.
     pub timeout: Duration,
+}
+
+impl OpenAiEndpoint {
+    /// The base URL with any credentials masked: the form every message and log shows.
+    pub fn shown_url(&self) -> String {
+        mask_url(&self.base_url)
+    }
+}
+
+impl fmt::Debug for OpenAiEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiEndpoint")
+            .field("base_url", &self.shown_url())
+            .field("api_key", &self.api_key)
+            .field("model", &self.model)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// Where runs get their words.
@@ -359,9 +399,10 @@ pub fn load(env: &BTreeMap<String, String>, file: Option<&Path>) -> Result<Confi
         if let Some(v) = VARIABLES.iter().find(|v| v.name == key) {
             values.insert(v.name, value.clone());
         } else if key.starts_with("NETRA_") {
+            // Its value stays unprinted: a misspelled secret is still a secret.
             errors.push(ConfigError {
                 var: key.clone(),
-                value: Some(value.clone()),
+                value: None,
                 problem: "not a netra setting".into(),
                 fix: "remove it or correct its spelling (see the README's table)".into(),
             });
@@ -408,7 +449,7 @@ impl Reader {
 
     fn fail(&mut self, name: &str, problem: impl Into<String>, fix: impl Into<String>) {
         let secret = VARIABLES.iter().any(|v| v.name == name && v.secret);
-        let value = self.raw(name).map(|v| if secret { "***".to_string() } else { v.to_string() });
+        let value = self.raw(name).map(|v| if secret { "***".to_string() } else { mask_url(v) });
         self.errors.push(ConfigError { var: name.to_string(), value, problem: problem.into(), fix: fix.into() });
     }
 
@@ -507,7 +548,7 @@ impl Reader {
                 Ok(url) => url,
                 Err(problem) => {
                     let fix = "use sqlite://PATH or postgres://USER@HOST:PORT/DB";
-                    let masked = mask_url_password(raw);
+                    let masked = mask_url(raw);
                     self.errors.push(ConfigError {
                         var: "DATABASE_URL".into(),
                         value: Some(masked),
@@ -698,6 +739,41 @@ mod tests {
         let errors =
             load(&env(&[("ENVIRONMENT", "production"), ("JWT_SECRET", "short")]), None).expect_err("too short");
         assert!(!errors[0].to_string().contains("short\""), "{}", errors[0]);
+    }
+
+    #[test]
+    fn urls_are_masked_however_the_password_is_written() {
+        for (url, shown) in [
+            ("postgres://bob:hunter2@db:5432/netra", "postgres://bob:***@db:5432/netra"),
+            ("postgres://bob:hun/ter@2@db/netra", "postgres://bob:***@db/netra"),
+            (
+                "postgres://db/netra?user=bob&password=hunter2&sslmode=require",
+                "postgres://db/netra?user=bob&password=***&sslmode=require",
+            ),
+            ("http://user:pa:ss@host:8080/v1", "http://user:***@host:8080/v1"),
+            ("https://host/v1?api_key=sk-1#frag", "https://host/v1?api_key=***#frag"),
+            ("postgres://postgres@127.0.0.1/test", "postgres://postgres@127.0.0.1/test"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(mask_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn no_credential_reaches_a_config_error_or_the_printed_config() {
+        let leaks = |vars: &[(&str, &str)], secret: &str| {
+            let shown = match load(&env(vars), None) {
+                Ok(c) => format!("{c:?}"),
+                Err(errors) => errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"),
+            };
+            assert!(!shown.contains(secret), "{secret} printed: {shown}");
+        };
+        leaks(&[("DATABASE_URL", "postgres://db/netra?password=hunter2")], "hunter2");
+        leaks(&[("DATABASE_URL", "postgres://bob:hun/ter2@db/netra")], "ter2");
+        leaks(&[("DATABASE_URL", "mysql://bob:hunter2@db/netra")], "hunter2");
+        leaks(&[("NETRA_JWT_SECRE", "misspelled-secret-value")], "misspelled-secret-value");
+        leaks(&[("LLM_BASE_URL", "ftp://user:hunter2@host/v1")], "hunter2");
+        leaks(&[("LLM_BASE_URL", "http://user:hunter2@host/v1")], "hunter2");
     }
 
     #[test]

@@ -37,7 +37,15 @@ enum Piece {
 
 /// What the fake answers to one chat-completions request.
 enum Script {
-    Status { code: u16, retry_after: Option<u64> },
+    Status {
+        code: u16,
+        retry_after: Option<u64>,
+    },
+    /// An error status whose OpenAI error body says `message`.
+    Refuse {
+        code: u16,
+        message: String,
+    },
     Stream(Vec<Piece>),
 }
 
@@ -104,6 +112,10 @@ async fn completions(State(fake): State<Fake>, headers: HeaderMap, Json(body): J
                 response.headers_mut().insert(header::RETRY_AFTER, secs.to_string().parse().expect("header value"));
             }
             response
+        }
+        Some(Script::Refuse { code, message }) => {
+            let status = StatusCode::from_u16(code).expect("a status code");
+            (status, Json(json!({"error": {"message": message}}))).into_response()
         }
         Some(Script::Stream(pieces)) => {
             let (tx, rx) = mpsc::channel::<String>(1);
@@ -389,9 +401,11 @@ async fn a_refused_api_key_ends_the_run_with_upstream_auth_without_retrying() {
     let mut tab = server.connect("locked-out").await;
     let frames = tab.chat("hello", None).await;
     let message = assert_failed(&frames, "upstream_auth");
-    assert!(message.contains("401") && message.contains("LLM_API_KEY"), "{message}");
+    assert!(message.contains("401"), "{message}");
     assert_eq!(fake.requests().len(), 1, "401 is not retried");
-    assert!(!server.stderr().contains(API_KEY), "the API key reached the log");
+    let log = server.stderr();
+    assert!(!log.contains(API_KEY), "the API key reached the log");
+    assert!(log.contains("LLM_API_KEY"), "the log tells the operator what to check");
 }
 
 #[tokio::test]
@@ -580,13 +594,56 @@ async fn an_unreachable_model_leaves_the_server_ready_and_runs_fail_upstream_unr
     let mut tab = server.connect("offline").await;
     let frames = tab.chat("hello", None).await;
     let message = assert_failed(&frames, "upstream_unreachable");
-    assert!(message.contains(&format!("127.0.0.1:{port}")), "the message names the endpoint: {message}");
+    assert!(!message.contains(&format!("127.0.0.1:{port}")), "clients are not told the endpoint: {message}");
+    assert!(server.stderr().contains(&format!("127.0.0.1:{port}")), "the log names it for the operator");
     let thread_id = frames[0]["thread_id"].as_str().expect("thread_id");
 
     let threads =
         http.get(server.http("/api/threads")).bearer_auth(server.token("offline")).send().await.expect("threads");
     assert_eq!(threads.status(), 200);
     assert!(threads.text().await.expect("body").contains(thread_id), "history is served");
+}
+
+/// Credentials in `LLM_BASE_URL` and whatever the upstream says in an error body reach no
+/// chat client, no health report and no log line; the operator's log keeps the detail.
+#[tokio::test]
+async fn credentials_and_upstream_bodies_never_reach_clients_health_or_the_log() {
+    let fake = Fake::start(vec![Script::Refuse {
+        code: 400,
+        message: format!("bad request from key {API_KEY}: upstream-internal-detail"),
+    }])
+    .await;
+    let with_credentials = fake.url.replacen("http://", "http://alice:pa55-w0rd-hidden@", 1);
+    let server = Spawn::new()
+        .env("LLM_BASE_URL", with_credentials)
+        .env("LLM_API_KEY", API_KEY)
+        .env("LLM_MODEL", MODEL)
+        .ready()
+        .await;
+    let mut tab = server.connect("leaky").await;
+    let frames = tab.chat("hello", None).await;
+    let message = assert_failed(&frames, "upstream_rejected");
+    assert!(message.contains("400"), "{message}");
+    let on_the_wire: String = frames.iter().map(Value::to_string).collect();
+    // Replayed later from the store, exactly as sent.
+    let thread = frames[0]["thread_id"].as_str().expect("thread_id");
+    tab.send(json!({"type": "subscribe", "payload": {"thread_id": thread, "after_seq": 0}})).await;
+    let replayed: String = tab.collect_run().await.iter().map(Value::to_string).collect();
+    let http = reqwest::Client::new();
+    let mut reports = String::new();
+    for path in ["/health", "/health/startup", "/health/ready"] {
+        reports.push_str(&http.get(server.http(path)).send().await.expect("health").text().await.expect("body"));
+    }
+    let log = server.stderr();
+    for (place, text) in [("frames", &on_the_wire), ("replay", &replayed), ("health", &reports), ("log", &log)] {
+        assert!(!text.contains("pa55-w0rd-hidden"), "the URL's password reached the {place}");
+        assert!(!text.contains(API_KEY), "the API key reached the {place}");
+    }
+    for (place, text) in [("frames", &on_the_wire), ("replay", &replayed)] {
+        assert!(!text.contains("upstream-internal-detail"), "the upstream body reached the {place}");
+        assert!(!text.contains("alice"), "the endpoint reached the {place}");
+    }
+    assert!(log.contains("upstream-internal-detail"), "the operator's log keeps the upstream's words");
 }
 
 #[tokio::test]

@@ -99,11 +99,11 @@ pub enum RunFailure {
 }
 
 impl RunFailure {
-    /// The reason code and message the client sees. Upstream causes are named; server
-    /// faults stay in the log.
+    /// The reason code and message the client sees: upstream causes in general terms,
+    /// server faults not at all. The details stay in the log.
     fn public(&self) -> (&'static str, String) {
         match self {
-            Self::Upstream(e) => (e.reason(), e.to_string()),
+            Self::Upstream(e) => (e.reason(), e.public_message()),
             Self::Delivery(_) | Self::History(_) | Self::Panicked(_) => {
                 ("failed", "the agent failed; see the server log".into())
             }

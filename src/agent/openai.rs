@@ -78,6 +78,24 @@ impl UpstreamError {
         }
     }
 
+    /// What a chat client is told: the cause in general terms, never an address, a
+    /// credential or the upstream's own words (those go to the log).
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::Auth(code) => format!("the model endpoint refused netra's credentials (HTTP {code})"),
+            Self::RateLimited { .. } => {
+                "the model endpoint is rate limiting requests (HTTP 429); try again later".into()
+            }
+            Self::Unavailable(code) => format!("the model endpoint is unavailable (HTTP {code})"),
+            Self::Rejected { status, .. } => format!("the model endpoint rejected the request (HTTP {status})"),
+            Self::Reported(_) => "the model endpoint reported an error".into(),
+            Self::Unreachable { .. } => "cannot reach the model endpoint".into(),
+            Self::Silent { after, .. } => format!("the model endpoint sent nothing for {} s", after.as_secs_f64()),
+            Self::Malformed(_) => "the model endpoint sent a malformed stream".into(),
+            Self::Cut(_) => "the model's reply stream ended before it finished".into(),
+        }
+    }
+
     /// How long to wait before trying again, when trying again is safe and useful.
     fn retry_wait(&self, retries: u32) -> Option<Duration> {
         match self {
@@ -122,15 +140,44 @@ impl OpenAi {
     pub async fn check(&self) -> Result<(), UpstreamError> {
         let url = &self.endpoint.base_url;
         let request = self.authorized(self.client.get(format!("{url}/models")).timeout(CHECK_TIMEOUT));
-        match request.send().await {
+        let shown = self.endpoint.shown_url();
+        let checked = match request.send().await {
             Ok(response) => status_error(response).await.map(drop),
-            Err(e) if e.is_timeout() => Err(UpstreamError::Silent { url: url.clone(), after: CHECK_TIMEOUT }),
-            Err(e) => Err(UpstreamError::Unreachable { url: url.clone(), cause: innermost_cause(&e) }),
+            Err(e) if e.is_timeout() => Err(UpstreamError::Silent { url: shown, after: CHECK_TIMEOUT }),
+            Err(e) => Err(UpstreamError::Unreachable { url: shown, cause: innermost_cause(&e) }),
+        };
+        checked.map_err(|e| self.scrub(e))
+    }
+
+    /// Removes the endpoint's credentials from what an upstream error quotes (a body may
+    /// echo the key or the URL); messages then go to the log and the run's record.
+    fn scrub(&self, e: UpstreamError) -> UpstreamError {
+        let clean = |text: String| {
+            let mut text = text.replace(&self.endpoint.base_url, &self.endpoint.shown_url());
+            if let Some(key) = self.endpoint.api_key.as_ref().map(|k| k.expose()).filter(|k| !k.is_empty()) {
+                text = text.replace(key, "***");
+            }
+            text
+        };
+        match e {
+            UpstreamError::Rejected { status, detail } => UpstreamError::Rejected { status, detail: clean(detail) },
+            UpstreamError::Reported(detail) => UpstreamError::Reported(clean(detail)),
+            UpstreamError::Malformed(detail) => UpstreamError::Malformed(clean(detail)),
+            UpstreamError::Cut(detail) => UpstreamError::Cut(clean(detail)),
+            UpstreamError::Unreachable { url, cause } => UpstreamError::Unreachable { url, cause: clean(cause) },
+            other => other,
         }
     }
 
     /// Answers the run's message, streaming the model's words and running its tool calls.
     pub async fn run(&self, ctx: &RunContext) -> Result<Answer, RunFailure> {
+        self.answer(ctx).await.map_err(|failure| match failure {
+            RunFailure::Upstream(e) => RunFailure::Upstream(self.scrub(e)),
+            other => other,
+        })
+    }
+
+    async fn answer(&self, ctx: &RunContext) -> Result<Answer, RunFailure> {
         ctx.emit(
             EventType::AgentThinking,
             json!({"reasoning": format!("Asking {}", self.endpoint.model), "step_number": 1, "status": "thinking"}),
@@ -218,7 +265,7 @@ impl OpenAi {
                     },
                     _ => {
                         break tokio::time::timeout_at(silent_at, stream.next()).await.map_err(|_| {
-                            UpstreamError::Silent { url: self.endpoint.base_url.clone(), after: self.endpoint.timeout }
+                            UpstreamError::Silent { url: self.endpoint.shown_url(), after: self.endpoint.timeout }
                         })?;
                     }
                 }
@@ -274,8 +321,10 @@ impl OpenAi {
         let url = &self.endpoint.base_url;
         let request = self.authorized(self.client.post(format!("{url}/chat/completions")).json(body));
         match tokio::time::timeout(self.endpoint.timeout, request.send()).await {
-            Err(_) => Err(UpstreamError::Silent { url: url.clone(), after: self.endpoint.timeout }),
-            Ok(Err(e)) => Err(UpstreamError::Unreachable { url: url.clone(), cause: innermost_cause(&e) }),
+            Err(_) => Err(UpstreamError::Silent { url: self.endpoint.shown_url(), after: self.endpoint.timeout }),
+            Ok(Err(e)) => {
+                Err(UpstreamError::Unreachable { url: self.endpoint.shown_url(), cause: innermost_cause(&e) })
+            }
             Ok(Ok(response)) => status_error(response).await,
         }
     }
