@@ -30,9 +30,10 @@ use crate::{App, Shared};
 /// Chat frames are a few hundred bytes; a larger frame grows the buffer while it is read.
 const READ_BUFFER: usize = 256;
 
-const CLOSE_NORMAL: CloseReason = CloseReason { code: 1000, reason: "" };
 const CLOSE_IDLE: CloseReason = CloseReason { code: 1001, reason: "idle timeout" };
 const CLOSE_TOO_BIG: CloseReason = CloseReason { code: 1009, reason: "frame too large" };
+const CLOSE_PROTOCOL: CloseReason = CloseReason { code: 1002, reason: "protocol error" };
+const CLOSE_BAD_DATA: CloseReason = CloseReason { code: 1007, reason: "invalid UTF-8" };
 const CLOSE_STARTUP: CloseReason = CloseReason { code: 1011, reason: "service startup incomplete" };
 const CLOSE_BUSY: CloseReason = CloseReason { code: 1013, reason: "try again later" };
 
@@ -328,7 +329,7 @@ fn inbound<'a>(
 ) -> Inbound<'a> {
     let text = match message {
         None | Some(Ok(Message::Close(_))) => return Inbound::Gone,
-        Some(Err(e)) => return Inbound::Close(if is_capacity_error(e) { CLOSE_TOO_BIG } else { CLOSE_NORMAL }),
+        Some(Err(e)) => return read_failed(e),
         Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Inbound::Skip,
         Some(Ok(Message::Binary(_))) => None,
         Some(Ok(Message::Text(t))) => Some(t),
@@ -360,12 +361,19 @@ fn inbound<'a>(
     }
 }
 
-fn is_capacity_error(e: axum::Error) -> bool {
+/// How a failed read ends the socket (RFC 6455 §7.4.1): a frame that breaks the
+/// protocol closes 1002, text that is not UTF-8 closes 1007, an oversized one 1009. A
+/// transport that is already gone gets no close frame.
+fn read_failed(e: axum::Error) -> Inbound<'static> {
+    use tokio_tungstenite::tungstenite::error::{Error, ProtocolError as WsError};
     let inner = e.into_inner();
-    matches!(
-        inner.downcast_ref::<tokio_tungstenite::tungstenite::Error>(),
-        Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
-    )
+    match inner.downcast_ref::<Error>() {
+        Some(Error::Capacity(_)) => Inbound::Close(CLOSE_TOO_BIG),
+        Some(Error::Utf8(_)) => Inbound::Close(CLOSE_BAD_DATA),
+        Some(Error::Protocol(WsError::ResetWithoutClosingHandshake)) => Inbound::Gone,
+        Some(Error::Protocol(_)) => Inbound::Close(CLOSE_PROTOCOL),
+        _ => Inbound::Gone,
+    }
 }
 
 async fn reply_error(conn: &Connection, error: ProtocolError) {

@@ -183,3 +183,88 @@ async fn framework_errors_are_json_details_too() {
         assert!(!detail(response).await.is_empty(), "{url}");
     }
 }
+
+/// A WebSocket client written byte by byte, to send what no library would.
+mod raw {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub struct Raw(TcpStream);
+
+    impl Raw {
+        /// Upgrades `/ws` with a bearer token and reads up to the end of the 101 response.
+        pub async fn open(server: &super::common::Server, user: &str) -> Self {
+            let addr = server.http("").trim_start_matches("http://").trim_end_matches('/').to_string();
+            let mut tcp = TcpStream::connect(&addr).await.expect("connect");
+            let request = format!(
+                "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                 Authorization: Bearer {}\r\n\r\n",
+                server.token(user)
+            );
+            tcp.write_all(request.as_bytes()).await.expect("write");
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(tcp.read_u8().await.expect("response head"));
+            }
+            assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+            Self(tcp)
+        }
+
+        /// Sends one frame: `first` is the FIN/RSV/opcode byte, masked unless told not to.
+        pub async fn send(&mut self, first: u8, payload: &[u8], masked: bool) {
+            assert!(payload.len() < 126);
+            let mut frame = vec![first, payload.len() as u8 | if masked { 0x80 } else { 0 }];
+            let key = [0x12, 0x34, 0x56, 0x78];
+            if masked {
+                frame.extend(key);
+                frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+            } else {
+                frame.extend(payload);
+            }
+            self.0.write_all(&frame).await.expect("write frame");
+        }
+
+        /// Reads frames until a close and returns its code; panics if none comes in time.
+        pub async fn close_code(&mut self) -> u16 {
+            let read = async {
+                loop {
+                    let first = self.0.read_u8().await.expect("a frame");
+                    let len = match self.0.read_u8().await.expect("length") & 0x7f {
+                        126 => u64::from(self.0.read_u16().await.expect("length")),
+                        127 => self.0.read_u64().await.expect("length"),
+                        n => u64::from(n),
+                    };
+                    let mut payload = vec![0; len as usize];
+                    self.0.read_exact(&mut payload).await.expect("payload");
+                    if first & 0x0f == 0x8 {
+                        return u16::from_be_bytes([payload[0], payload[1]]);
+                    }
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(5), read).await.expect("a close frame in time")
+        }
+    }
+}
+
+/// A frame that breaks RFC 6455 closes with the code §7.4.1 gives it, not 1000.
+#[tokio::test]
+async fn websocket_protocol_violations_close_1002_and_bad_utf8_1007() {
+    let server = Spawn::new().ready().await;
+    let cases: [(&str, u8, &[u8], bool, u16); 5] = [
+        ("invalid UTF-8 in a text frame", 0x81, &[0x7b, 0xff, 0xfe, 0x7d], true, 1007),
+        ("a reserved opcode", 0x83, b"{}", true, 1002),
+        ("RSV1 without an extension", 0xc1, b"{}", true, 1002),
+        ("an unmasked client frame", 0x81, b"{}", false, 1002),
+        ("a fragmented ping", 0x09, b"", true, 1002),
+    ];
+    for (what, first, payload, masked, code) in cases {
+        let mut raw = raw::Raw::open(&server, "raw").await;
+        raw.send(first, payload, masked).await;
+        assert_eq!(raw.close_code().await, code, "{what}");
+    }
+    // The control: a well-formed frame is answered, not closed.
+    let mut client = server.connect("raw").await;
+    client.send(json!({"type": "ping", "timestamp": 1})).await;
+    assert_eq!(client.next().await["type"], "pong");
+}
