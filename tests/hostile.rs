@@ -189,11 +189,11 @@ mod raw {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    pub struct Raw(TcpStream);
+    pub(crate) struct Raw(TcpStream);
 
     impl Raw {
         /// Upgrades `/ws` with a bearer token and reads up to the end of the 101 response.
-        pub async fn open(server: &super::common::Server, user: &str) -> Self {
+        pub(crate) async fn open(server: &super::common::Server, user: &str) -> Self {
             let addr = server.http("").trim_start_matches("http://").trim_end_matches('/').to_string();
             let mut tcp = TcpStream::connect(&addr).await.expect("connect");
             let request = format!(
@@ -212,7 +212,7 @@ mod raw {
         }
 
         /// Sends one frame: `first` is the FIN/RSV/opcode byte, masked unless told not to.
-        pub async fn send(&mut self, first: u8, payload: &[u8], masked: bool) {
+        pub(crate) async fn send(&mut self, first: u8, payload: &[u8], masked: bool) {
             assert!(payload.len() < 126);
             let mut frame = vec![first, payload.len() as u8 | if masked { 0x80 } else { 0 }];
             let key = [0x12, 0x34, 0x56, 0x78];
@@ -226,7 +226,7 @@ mod raw {
         }
 
         /// Reads frames until a close and returns its code; panics if none comes in time.
-        pub async fn close_code(&mut self) -> u16 {
+        pub(crate) async fn close_code(&mut self) -> u16 {
             let read = async {
                 loop {
                     let first = self.0.read_u8().await.expect("a frame");
