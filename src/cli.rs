@@ -113,6 +113,7 @@ fn print_config(config: &Config) {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     netra::telemetry::init_logging(&config.log_filter, config.log_format);
+    netra::raise_open_file_limit();
     let addr = SocketAddr::new(config.host, config.port);
     let listener = netra::bind(addr).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {

@@ -89,6 +89,17 @@ pub const VARIABLES: &[Variable] = &[
     var("NETRA_RUN_DEADLINE", "120s", "longest an agent run may take (at most 120s)"),
     var("NETRA_HEARTBEAT_INTERVAL", "20s", "WebSocket Ping control frame interval"),
     var("NETRA_IDLE_TIMEOUT", "60s", "close 1001 after this long with no inbound frame"),
+    var(
+        "NETRA_HEADER_TIMEOUT",
+        "10s",
+        "time a connection has to send its request's headers, and to stay idle between requests",
+    ),
+    var("NETRA_REQUEST_TIMEOUT", "30s", "longest a REST request may take, body included (408)"),
+    var(
+        "NETRA_MAX_PENDING_CONNECTIONS",
+        "512",
+        "connections that have not sent a request yet; more are closed at once",
+    ),
     var("NETRA_DRAIN_TIMEOUT", "10s", "on SIGTERM, how long running runs may finish before they are cancelled"),
     var("NETRA_AGENT_TOKEN_DELAY", "15ms", "builtin agent: pause between streamed words (0 for benchmarks)"),
     var(
@@ -274,6 +285,11 @@ pub struct Limits {
     /// Least time between run events on a connection of the Netra web client, which
     /// processes at most one event per render; zero sends at full speed.
     pub web_client_pace: Duration,
+    /// Time to send a request's headers, and to idle between two requests.
+    pub header_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Accepted connections that have not sent a request yet.
+    pub max_pending_connections: usize,
 }
 
 /// An OpenAI-compatible chat-completions endpoint.
@@ -608,6 +624,14 @@ impl Reader {
                 "pings keep healthy clients from idling out; use e.g. 20s with a 60s idle timeout",
             );
         }
+        let header_timeout = self.duration("NETRA_HEADER_TIMEOUT", Duration::from_secs(10));
+        let request_timeout = self.duration("NETRA_REQUEST_TIMEOUT", Duration::from_secs(30));
+        for (name, value) in [("NETRA_HEADER_TIMEOUT", header_timeout), ("NETRA_REQUEST_TIMEOUT", request_timeout)] {
+            if value.is_zero() {
+                self.fail(name, "must be above zero", "use a duration such as 10s");
+            }
+        }
+        let max_pending_connections = self.positive("NETRA_MAX_PENDING_CONNECTIONS", 512usize);
         let drain_timeout = self.duration("NETRA_DRAIN_TIMEOUT", Duration::from_secs(10));
         let agent_token_delay = self.duration("NETRA_AGENT_TOKEN_DELAY", Duration::from_millis(15));
         let stream_interval = self.duration("NETRA_STREAM_INTERVAL", Duration::from_millis(100));
@@ -663,6 +687,9 @@ impl Reader {
                 heartbeat_interval,
                 idle_timeout,
                 web_client_pace,
+                header_timeout,
+                request_timeout,
+                max_pending_connections,
             },
             drain_timeout,
             agent_token_delay,

@@ -12,6 +12,8 @@ pub mod config;
 pub mod delivery;
 mod gateway;
 mod health;
+mod http;
+pub use http::raise_open_file_limit;
 pub mod protocol;
 mod rate;
 mod selftest;
@@ -165,16 +167,9 @@ pub async fn serve(
     // The listener answers probes before any component exists.
     let stop_http = CancellationToken::new();
     let router = web::router(shared.clone());
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let http = tokio::spawn({
-        let stop = stop_http.clone();
-        async move {
-            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }
+        let (stop, config) = (stop_http.clone(), config.clone());
+        async move { http::serve(listener, router, &config.limits, stop).await }
     });
 
     let started = startup::run(components, &shared.report, background.clone()).await;
@@ -198,8 +193,7 @@ pub async fn serve(
         // The HTTP server ended on its own: that is a failure.
         background.cancel();
         return match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(ServeError::Http(e)),
+            Ok(()) => Ok(()),
             Err(e) => Err(ServeError::Http(std::io::Error::other(e))),
         };
     }

@@ -25,6 +25,8 @@ pub mod metric {
     pub const STORE_BATCH_JOBS: &str = "netra_store_batch_jobs";
     pub const STARTUP_DURATION: &str = "netra_startup_component_duration_seconds";
     pub const HTTP_REQUESTS: &str = "netra_http_requests_total";
+    /// Connections closed at accept: too many were waiting for their first request.
+    pub const HTTP_SHED: &str = "netra_http_connections_shed_total";
 }
 
 /// Sets up logging once per process; a second call is a no-op.

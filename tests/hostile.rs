@@ -268,3 +268,119 @@ async fn websocket_protocol_violations_close_1002_and_bad_utf8_1007() {
     client.send(json!({"type": "ping", "timestamp": 1})).await;
     assert_eq!(client.next().await["type"], "pong");
 }
+
+mod slow {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Connects to the server's port.
+    pub(crate) async fn connect(server: &super::common::Server) -> TcpStream {
+        let addr = server.http("").trim_start_matches("http://").trim_end_matches('/').to_string();
+        TcpStream::connect(addr).await.expect("connect")
+    }
+
+    /// Reads until the server closes the connection; returns what it sent and when.
+    pub(crate) async fn until_closed(tcp: &mut TcpStream, limit: Duration) -> (String, Duration) {
+        let started = Instant::now();
+        let mut seen = Vec::new();
+        let read = async {
+            let mut buf = [0u8; 1024];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        tokio::time::timeout(limit, read).await.expect("the server closes the connection in time");
+        (String::from_utf8_lossy(&seen).into_owned(), started.elapsed())
+    }
+
+    /// Writes `text` a byte at a time, `gap` apart, until the server stops taking it.
+    pub(crate) async fn dribble(tcp: &mut TcpStream, text: &str, gap: Duration) {
+        for b in text.bytes() {
+            if tcp.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(gap).await;
+        }
+    }
+}
+
+/// Slowloris: a connection that sends nothing, or its header a byte at a time, or idles
+/// after a request, is closed once the header timeout has passed.
+#[tokio::test]
+async fn slow_and_silent_connections_are_closed_after_the_header_timeout() {
+    use std::time::Duration;
+    let server = Spawn::new().env("NETRA_HEADER_TIMEOUT", "500ms").ready().await;
+    let mut silent = slow::connect(&server).await;
+    let (_, after) = slow::until_closed(&mut silent, Duration::from_secs(5)).await;
+    assert!(after >= Duration::from_millis(400), "closed after {after:?}, before the timeout");
+
+    let mut dribbler = slow::connect(&server).await;
+    let request = "GET /health/live HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    tokio::time::timeout(Duration::from_secs(5), slow::dribble(&mut dribbler, request, Duration::from_millis(50)))
+        .await
+        .expect("the server stops reading in time");
+    let (answer, _) = slow::until_closed(&mut dribbler, Duration::from_secs(5)).await;
+    assert!(!answer.contains("200 OK"), "a header dribbled past the timeout is not served: {answer}");
+
+    let mut idle = slow::connect(&server).await;
+    tokio::io::AsyncWriteExt::write_all(&mut idle, b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (answer, after) = slow::until_closed(&mut idle, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(after >= Duration::from_millis(400), "a kept-alive connection idles up to the timeout: {after:?}");
+}
+
+/// Connections waiting for their first request are capped: past the cap they are closed at
+/// accept, and once the waiting ones time out the server takes requests again.
+#[tokio::test]
+async fn connections_waiting_for_a_request_are_capped() {
+    use std::time::Duration;
+    let server = Spawn::new().env("NETRA_HEADER_TIMEOUT", "1s").env("NETRA_MAX_PENDING_CONNECTIONS", "4").ready().await;
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        holders.push(slow::connect(&server).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut shed = slow::connect(&server).await;
+    let (_, after) = slow::until_closed(&mut shed, Duration::from_secs(5)).await;
+    assert!(after < Duration::from_millis(500), "closed at accept, not after the timeout: {after:?}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let response = reqwest::get(server.http("/health/live")).await.expect("served again");
+    assert_eq!(response.status(), 200);
+    let metrics = reqwest::get(server.http("/metrics")).await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains("netra_http_connections_shed_total"), "{metrics}");
+}
+
+/// A REST body sent too slowly ends with a 408 JSON detail.
+#[tokio::test]
+async fn a_body_sent_too_slowly_is_408() {
+    use std::time::Duration;
+    let server = Spawn::new().env("NETRA_REQUEST_TIMEOUT", "500ms").ready().await;
+    let mut tcp = slow::connect(&server).await;
+    let head = format!(
+        "POST /api/threads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\n\r\n{{\"title\":",
+        server.token("dribbler")
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes()).await.expect("write");
+    let (answer, _) = slow::until_closed(&mut tcp, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"detail\""), "{answer}");
+}
+
+/// The process raises its open-file soft limit to the hard limit at start.
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let server = Spawn::new().ready().await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).expect("proc limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3], fields[4], "soft equals hard: {line}");
+    assert!(server.stderr().contains("open-file limit"), "the limit is logged");
+}

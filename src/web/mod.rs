@@ -225,6 +225,11 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .fallback(not_found)
         // A REST body is held to the socket's frame limit: no way in takes a bigger message.
         .layer(axum::extract::DefaultBodyLimit::max(shared.config.limits.max_frame_bytes))
+        // A request, its body included, may take so long; a body sent a byte a second ends 408.
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            shared.config.limits.request_timeout,
+        ))
         .layer(axum::middleware::from_fn(count_requests))
         .layer(cors)
         // Outside the CORS layer: it answers preflights itself, without calling inward.
