@@ -85,7 +85,16 @@ pub const VARIABLES: &[Variable] = &[
         "1024",
         "frames queued per connection; a consumer that falls this far behind is closed 1013",
     ),
-    var("NETRA_REPLAY_BATCH", "500", "events read from the store per page when a client resumes"),
+    var(
+        "NETRA_SEND_QUEUE_BYTES",
+        "2097152",
+        "bytes queued per connection, replay included; past it a consumer is closed 1013 (resumes by seq)",
+    ),
+    var(
+        "NETRA_REPLAY_BATCH",
+        "500",
+        "events read from the store per page when a client resumes (a page also stops at NETRA_SEND_QUEUE_BYTES)",
+    ),
     var("NETRA_RUN_DEADLINE", "120s", "longest an agent run may take (at most 120s)"),
     var("NETRA_HEARTBEAT_INTERVAL", "20s", "WebSocket Ping control frame interval"),
     var("NETRA_IDLE_TIMEOUT", "60s", "close 1001 after this long with no inbound frame"),
@@ -278,6 +287,8 @@ pub struct Limits {
     pub connections_per_user: usize,
     pub runs_per_user: usize,
     pub send_queue: usize,
+    /// Bytes a connection's outbox may hold; a replay page stops at this many too.
+    pub send_queue_bytes: usize,
     pub replay_batch: u32,
     pub run_deadline: Duration,
     pub heartbeat_interval: Duration,
@@ -610,6 +621,14 @@ impl Reader {
             // first job has three), so a smaller queue overflows on a client that keeps up.
             self.fail("NETRA_SEND_QUEUE", format!("below {MIN_SEND_QUEUE}"), "use 16 or more");
         }
+        let send_queue_bytes = self.parse("NETRA_SEND_QUEUE_BYTES", 2 * 1024 * 1024usize, "write a size in bytes");
+        if send_queue_bytes < MIN_FRAME_BYTES {
+            self.fail(
+                "NETRA_SEND_QUEUE_BYTES",
+                format!("below {MIN_FRAME_BYTES}"),
+                "use 1048576 to 4194304; it must hold a few frames",
+            );
+        }
         let replay_batch = self.positive("NETRA_REPLAY_BATCH", 500u32);
         let run_deadline = self.duration("NETRA_RUN_DEADLINE", MAX_RUN_DEADLINE);
         if run_deadline > MAX_RUN_DEADLINE || run_deadline.is_zero() {
@@ -682,6 +701,7 @@ impl Reader {
                 connections_per_user,
                 runs_per_user,
                 send_queue,
+                send_queue_bytes,
                 replay_batch,
                 run_deadline,
                 heartbeat_interval,

@@ -69,10 +69,12 @@ enum Follow {
 /// The server side of one WebSocket, as delivery sees it: who it is, the frames waiting
 /// for the socket, and how it follows each thread.
 ///
-/// The outbox is a plain bounded queue under a lock, with two notifications: the socket
-/// task waits on `wake` (frames queued or a close decided) and a sender that found the
-/// queue full waits on `room`. An idle connection holds no buffer at all (a channel
-/// would allocate its first block up front), which is what lets one process hold many.
+/// The outbox is a plain queue under a lock, bounded in frames and in bytes, with two
+/// notifications: the socket task waits on `wake` (frames queued or a close decided) and
+/// a sender that found the queue full waits on `room`. A live event that finds it full
+/// closes the connection 1013 instead: the client resumes by `seq`. An idle connection
+/// holds no buffer at all (a channel would allocate its first block up front), which is
+/// what lets one process hold many.
 pub struct Connection {
     pub id: String,
     /// Shared with the registry's key for this user.
@@ -80,7 +82,7 @@ pub struct Connection {
     /// The socket speaks to the Netra web client (docs/protocol.md): it gets none of the
     /// frames that client ignores, since every frame it keeps counts against its cap.
     pub web_client: bool,
-    capacity: usize,
+    limit: QueueLimit,
     outbox: Mutex<Outbox>,
     wake: Notify,
     room: Notify,
@@ -88,9 +90,19 @@ pub struct Connection {
     generation: std::sync::atomic::AtomicU64,
 }
 
+/// How much one connection's outbox may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimit {
+    pub frames: usize,
+    /// A frame larger than this still goes alone into an empty outbox.
+    pub bytes: usize,
+}
+
 #[derive(Default)]
 struct Outbox {
     frames: VecDeque<Utf8Bytes>,
+    /// The bytes of `frames`.
+    bytes: usize,
     /// The first close decided; the socket task sends it after the queued frames.
     close: Option<CloseReason>,
     /// The socket task has finished: nothing more is taken.
@@ -105,13 +117,13 @@ enum Push {
 }
 
 impl Connection {
-    /// A connection whose outbox holds at most `capacity` frames.
-    pub fn new(id: String, user_id: Arc<str>, capacity: usize, web_client: bool) -> Arc<Self> {
+    /// A connection whose outbox holds at most what `limit` says.
+    pub fn new(id: String, user_id: Arc<str>, limit: QueueLimit, web_client: bool) -> Arc<Self> {
         Arc::new(Self {
             id,
             user_id,
             web_client,
-            capacity,
+            limit,
             outbox: Mutex::default(),
             wake: Notify::new(),
             room: Notify::new(),
@@ -152,9 +164,12 @@ impl Connection {
         if outbox.gone || outbox.close.is_some() {
             return Push::Refused;
         }
-        if outbox.frames.len() >= self.capacity {
+        let too_many = outbox.frames.len() >= self.limit.frames;
+        let too_big = !outbox.frames.is_empty() && outbox.bytes + text.len() > self.limit.bytes;
+        if too_many || too_big {
             return Push::Full;
         }
+        outbox.bytes += text.len();
         outbox.frames.push_back(text.clone());
         self.wake.notify_one();
         Push::Queued
@@ -186,6 +201,7 @@ impl Connection {
     pub fn take(&self, into: &mut Vec<Utf8Bytes>) -> Option<CloseReason> {
         let mut outbox = self.outbox();
         into.extend(outbox.frames.drain(..));
+        outbox.bytes = 0;
         if outbox.frames.capacity() > 64 {
             // A burst grew the queue; an idle connection keeps no buffer.
             outbox.frames = VecDeque::new();
@@ -210,6 +226,7 @@ impl Connection {
             if !closing && !go(front) {
                 break;
             }
+            outbox.bytes -= front.len();
             into.extend(outbox.frames.pop_front());
         }
         let (close, left) = (outbox.close, !outbox.frames.is_empty());
@@ -229,6 +246,7 @@ impl Connection {
         let mut outbox = self.outbox();
         outbox.gone = true;
         outbox.frames = VecDeque::new();
+        outbox.bytes = 0;
         drop(outbox);
         self.room.notify_waiters();
     }
@@ -432,6 +450,8 @@ pub struct Delivery {
     pub registry: Arc<Registry>,
     store: Store,
     replay_batch: u32,
+    /// Payload bytes one replay page may hold: an outbox's worth.
+    replay_bytes: usize,
 }
 
 /// Most jobs written in one transaction.
@@ -440,11 +460,11 @@ const MAX_BATCH: usize = 256;
 impl Delivery {
     /// Starts the writer task on `tracker`; it ends when every `Delivery` clone is dropped
     /// or `stop` is cancelled after the queue drained.
-    pub fn start(store: Store, replay_batch: u32, tracker: &TaskTracker) -> Self {
+    pub fn start(store: Store, replay_batch: u32, replay_bytes: usize, tracker: &TaskTracker) -> Self {
         let (writer, rx) = mpsc::channel::<Pending>(4096);
         let registry = Arc::new(Registry::default());
         tracker.spawn(write_loop(store.clone(), registry.clone(), rx));
-        Self { writer, registry, store, replay_batch }
+        Self { writer, registry, store, replay_batch, replay_bytes }
     }
 
     /// Commits a job (rows and events of one thread, atomically), publishes its events,
@@ -491,8 +511,10 @@ impl Delivery {
         conn.follows().insert(thread_id.to_string(), Follow::Replaying { generation, highest_live: 0 });
         let mut last = after_seq;
         loop {
-            let page = self.store.events_after(thread_id, last, self.replay_batch).await?;
-            let full_page = page.len() as u32 == self.replay_batch;
+            // One page at a time, an outbox's worth of bytes at most, each read only once the
+            // last has gone into the outbox: a replay to a slow reader holds little.
+            let page = self.store.events_after(thread_id, last, self.replay_batch, self.replay_bytes).await?;
+            let full_page = !page.is_empty();
             for frame in &page {
                 if !self.still_replaying(conn, thread_id, generation) {
                     return Ok(());

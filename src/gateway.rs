@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::agent::StartError;
 use crate::auth::{AuthError, TokenKind};
-use crate::delivery::{CloseReason, Connection};
+use crate::delivery::{CloseReason, Connection, QueueLimit};
 use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
 use crate::rate::RateWindow;
 use crate::store::StoreError;
@@ -161,7 +161,8 @@ async fn open(
     };
     let limits = &shared.config.limits;
     let conn_id = format!("c_{}", uuid::Uuid::now_v7().simple());
-    let conn = Connection::new(conn_id, Arc::from(user.id.as_str()), limits.send_queue, web_client);
+    let queue = QueueLimit { frames: limits.send_queue, bytes: limits.send_queue_bytes };
+    let conn = Connection::new(conn_id, Arc::from(user.id.as_str()), queue, web_client);
     if app.delivery.registry.register(&conn, limits.connections_per_user).is_err() {
         close_now(socket, CLOSE_BUSY).await;
         return None;

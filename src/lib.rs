@@ -268,7 +268,12 @@ fn components(
     let delivery = Component::new("delivery", &["store"], required, Duration::from_secs(5), move || {
         let (c, p, w) = (c.clone(), p.clone(), w.clone());
         async move {
-            let _ = p.delivery.set(Delivery::start(part(&p.store, "store"), c.limits.replay_batch, &w));
+            let _ = p.delivery.set(Delivery::start(
+                part(&p.store, "store"),
+                c.limits.replay_batch,
+                c.limits.send_queue_bytes,
+                &w,
+            ));
             Ok(())
         }
     });

@@ -384,3 +384,49 @@ async fn the_open_file_limit_is_raised_to_the_hard_limit() {
     assert_eq!(fields[3], fields[4], "soft equals hard: {line}");
     assert!(server.stderr().contains("open-file limit"), "the limit is logged");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number of KiB")
+}
+
+/// Sockets that subscribe to a thread of large events and never read hold at most about
+/// an outbox's worth each (replay pages included), not the thread: memory is bounded in
+/// bytes, and everyone else still chats.
+#[tokio::test]
+async fn sockets_that_never_read_hold_a_bounded_amount_of_memory() {
+    let server = Spawn::new()
+        .env("NETRA_AGENT_TOKEN_DELAY", "0")
+        .env("NETRA_SEND_QUEUE_BYTES", "1048576")
+        .env("NETRA_MAX_CONNECTIONS_PER_USER", "20")
+        .ready()
+        .await;
+    let mut writer = server.connect("hoard").await;
+    let big = "lorem ".repeat(16_000);
+    let first = writer.chat(&big, None).await;
+    let thread = first[0]["thread_id"].as_str().expect("thread").to_string();
+    for _ in 0..59 {
+        let run = writer.chat(&big, Some(&thread)).await;
+        assert_eq!(run.last().expect("frames")["type"], "final_report");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let before = rss_kib(server.pid());
+    let mut hoarders = Vec::new();
+    for _ in 0..10 {
+        let mut tab = server.connect("hoard").await;
+        tab.send(json!({"type": "subscribe", "payload": {"thread_id": thread, "after_seq": 0}})).await;
+        hoarders.push(tab);
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let grown_mib = rss_kib(server.pid()).saturating_sub(before) / 1024;
+    // The thread holds about 60 × 2 × 96 KB. Measured (2 cores, 2026-12-01): 210 MiB when
+    // each replay queued all of it, 61 MiB with a 1 MiB outbox (about 5.5 MiB a socket:
+    // the outbox, the batch being written, one replay page, and what the allocator keeps).
+    assert!(grown_mib < 90, "RSS grew {grown_mib} MiB for ten sockets that never read");
+    let mut other = server.connect("bystander").await;
+    let run = other.chat("what is 2 + 2?", None).await;
+    assert_eq!(run.last().expect("frames")["type"], "final_report");
+    eprintln!("RSS growth with ten never-reading sockets: {grown_mib} MiB");
+    drop(hoarders);
+}

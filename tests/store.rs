@@ -56,11 +56,17 @@ async fn batches_assign_dense_seq_per_thread() {
             .await
             .expect("append");
         assert_eq!(written, vec![2, 2, 5], "{backend:?}: the first seq of each job");
-        let all = store.events_after(&a, 0, 100).await.expect("read");
+        let all = store.events_after(&a, 0, 100, usize::MAX).await.expect("read");
         assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6], "{backend:?}");
-        let page = store.events_after(&a, 2, 2).await.expect("page");
+        let page = store.events_after(&a, 2, 2, usize::MAX).await.expect("page");
         assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4], "{backend:?}");
         assert_eq!(page[0].payload.get(), "{\"n\":1}");
+        // A byte budget cuts the page short, but never below one event.
+        let one = store.events_after(&a, 0, 100, 1).await.expect("page");
+        assert_eq!(one.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1], "{backend:?}");
+        let budget = all[0].payload.get().len() + all[1].payload.get().len();
+        let two = store.events_after(&a, 0, 100, budget).await.expect("page");
+        assert_eq!(two.len(), 2, "{backend:?}");
     }
 }
 
@@ -89,7 +95,7 @@ async fn a_failed_write_leaves_no_row_behind() {
         let err = store.write_batch(&vec![job].into()).await.expect_err("duplicate run id");
         assert!(matches!(err, StoreError::Rejected(_)), "{backend:?}: {err:?}");
         assert!(matches!(store.thread(&doomed).await, Err(StoreError::NotFound)), "{backend:?}");
-        assert!(store.events_after(&doomed, 0, 10).await.expect("read").is_empty(), "{backend:?}");
+        assert!(store.events_after(&doomed, 0, 10, usize::MAX).await.expect("read").is_empty(), "{backend:?}");
         let (messages, total) = store.messages(&doomed, 10, 0).await.expect("read");
         assert!(messages.is_empty() && total == 0, "{backend:?}");
         assert_eq!(store.thread(&existing).await.expect("untouched").last_seq, 1, "{backend:?}");
@@ -125,7 +131,7 @@ async fn concurrent_writers_on_one_thread_keep_seq_dense() {
         for t in tasks {
             t.await.expect("writer");
         }
-        let all = store.events_after(&thread, 0, 1000).await.expect("read");
+        let all = store.events_after(&thread, 0, 1000, usize::MAX).await.expect("read");
         let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, (1..=161).collect::<Vec<u64>>(), "{backend:?}");
     }
@@ -257,7 +263,7 @@ async fn a_failed_write_breaks_its_runs_chain() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(backend, &dir).await;
         let tracker = tokio_util::task::TaskTracker::new();
-        let delivery = Delivery::start(store.clone(), 100, &tracker);
+        let delivery = Delivery::start(store.clone(), 100, usize::MAX, &tracker);
         let thread = unique("th");
         delivery.commit(new_thread_job(&thread, "u"), "u").await.expect("create");
         let (run, other): (Arc<str>, Arc<str>) = (Arc::from("run_a"), Arc::from("run_b"));
@@ -278,7 +284,8 @@ async fn a_failed_write_breaks_its_runs_chain() {
         // The chain is over: the run id may be used again.
         let again = delivery.submit_in(&run, Link::Last, append_job(&thread, 1), "u").await.expect("submit");
         assert_eq!(again.wait().await.expect("a new chain"), 6, "{backend:?}");
-        let seqs: Vec<u64> = store.events_after(&thread, 0, 100).await.expect("read").iter().map(|e| e.seq).collect();
+        let seqs: Vec<u64> =
+            store.events_after(&thread, 0, 100, usize::MAX).await.expect("read").iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6], "{backend:?}");
     }
 }

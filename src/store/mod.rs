@@ -669,16 +669,43 @@ impl Store {
         Ok(history)
     }
 
-    /// Up to `limit` events with `seq > after_seq`, in order.
+    /// Up to `limit` events with `seq > after_seq`, in order, and no more than fit in
+    /// about `budget` bytes of payload (always at least one): a page of large events is
+    /// never read into memory whole. The sizes are read first, then only the rows that fit.
     #[instrument(skip_all, fields(thread_id, after_seq))]
-    pub async fn events_after(&self, thread_id: &str, after_seq: u64, limit: u32) -> Result<Vec<EventFrame>> {
-        let rows = sqlx::query(
-            "SELECT seq, run_id, type, agent_name, payload, created_at FROM events \
-             WHERE thread_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+    pub async fn events_after(
+        &self,
+        thread_id: &str,
+        after_seq: u64,
+        limit: u32,
+        budget: usize,
+    ) -> Result<Vec<EventFrame>> {
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let sizes: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT seq, LENGTH(payload) FROM events WHERE thread_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(thread_id)
-        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(after)
         .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut used = 0usize;
+        let mut upto = None;
+        for (seq, size) in sizes {
+            used += usize::try_from(size).unwrap_or(0);
+            if upto.is_some() && used > budget {
+                break;
+            }
+            upto = Some(seq);
+        }
+        let Some(upto) = upto else { return Ok(Vec::new()) };
+        let rows = sqlx::query(
+            "SELECT seq, run_id, type, agent_name, payload, created_at FROM events \
+             WHERE thread_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+        )
+        .bind(thread_id)
+        .bind(after)
+        .bind(upto)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
