@@ -152,6 +152,16 @@ pub const VARIABLES: &[Variable] = &[
         "http://localhost:3000,http://127.0.0.1:3000",
         "origins allowed to call the REST API with credentials, comma-separated",
     ),
+    var(
+        "NETRA_WS_ORIGINS",
+        "(the CORS origins)",
+        "browser origins allowed to open /ws besides the server's own, comma-separated; * allows any",
+    ),
+    var(
+        "NETRA_ECHO_ROUTE",
+        "false",
+        "serve GET /ws/echo: an unauthenticated echo socket with /ws's limits, for conformance suites",
+    ),
     var("NETRA_LOG", "info", "log filter (tracing EnvFilter syntax)"),
     var("NETRA_LOG_FORMAT", "(dev) pretty, (prod) json", "pretty or json"),
 ];
@@ -374,6 +384,9 @@ pub struct Config {
     pub stream_interval: Duration,
     pub llm: Llm,
     pub cors_origins: Vec<String>,
+    /// Origins that may open a socket besides the server's own; `None` allows any.
+    pub ws_origins: Option<Vec<String>>,
+    pub echo_route: bool,
     pub log_filter: String,
     pub log_format: LogFormat,
 }
@@ -669,6 +682,23 @@ impl Reader {
             let problem = format!("{bad:?} is not an origin (credentials need exact origins, never *)");
             self.fail("NETRA_CORS_ORIGINS", problem, "list origins such as http://localhost:3000");
         }
+        let ws_origins = match self.raw("NETRA_WS_ORIGINS") {
+            None => Some(cors_origins.clone()),
+            Some("*") => None,
+            Some(list) => {
+                let origins: Vec<String> = list
+                    .split(',')
+                    .map(|o| o.trim().trim_end_matches('/').to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect();
+                if let Some(bad) = origins.iter().find(|o| !(o.starts_with("http://") || o.starts_with("https://"))) {
+                    let problem = format!("{bad:?} is not an origin");
+                    self.fail("NETRA_WS_ORIGINS", problem, "list origins such as https://chat.example.com, or *");
+                }
+                Some(origins)
+            }
+        };
+        let echo_route = self.parse("NETRA_ECHO_ROUTE", false, "write true or false");
         let log_filter = self.raw("NETRA_LOG").unwrap_or("info").to_string();
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
             self.fail("NETRA_LOG", e.to_string(), "use a filter such as info or netra=debug,info");
@@ -716,6 +746,8 @@ impl Reader {
             stream_interval,
             llm,
             cors_origins,
+            ws_origins,
+            echo_route,
             log_filter,
             log_format,
         }

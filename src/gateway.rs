@@ -85,6 +85,11 @@ pub(crate) async fn upgrade(
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"detail": "server is shutting down"})))
             .into_response();
     }
+    if !origin_allowed(&shared.config.ws_origins, &headers) {
+        metrics::counter!(metric::AUTH_FAILURES, "reason" => "origin").increment(1);
+        return (StatusCode::FORBIDDEN, axum::Json(serde_json::json!({"detail": "this origin may not open a socket"})))
+            .into_response();
+    }
     let offered = offered_protocols(&headers);
     let token = extract_token(&headers, &offered, query.as_deref());
     let limit = shared.config.limits.max_frame_bytes;
@@ -101,6 +106,60 @@ pub(crate) async fn upgrade(
     // another keeps its slot in both, and an idle connection is mostly its task's frames.
     ws.on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| Box::pin(session(shared, Box::new(socket), token, web_client)))
+}
+
+/// Whether a browser page from the request's `Origin` may open a socket: its own page
+/// (same host), a listed origin, or any when the list is `*`. Clients that are not
+/// browsers send no `Origin` and are judged by their token alone.
+fn origin_allowed(allowed: &Option<Vec<String>>, headers: &HeaderMap) -> bool {
+    let Some(list) = allowed else { return true };
+    let Some(origin) = headers.get(axum::http::header::ORIGIN).and_then(|v| v.to_str().ok()) else { return true };
+    let origin = origin.trim_end_matches('/');
+    let host = headers.get(axum::http::header::HOST).and_then(|v| v.to_str().ok());
+    let same_host = origin.split_once("://").is_some_and(|(_, rest)| Some(rest) == host);
+    same_host || list.iter().any(|o| o.eq_ignore_ascii_case(origin))
+}
+
+/// `GET /ws/echo`, served only with `NETRA_ECHO_ROUTE`: every data frame comes back.
+/// Conformance suites (Autobahn) test the WebSocket layer through it: the limits, the
+/// read-error close codes and the close handshake are those of `/ws`.
+pub(crate) async fn echo(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
+    if !shared.config.echo_route {
+        return (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"detail": "not found"}))).into_response();
+    }
+    let limit = shared.config.limits.max_frame_bytes;
+    let idle = shared.config.limits.idle_timeout;
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .read_buffer_size(READ_BUFFER)
+        .on_upgrade(move |socket| Box::pin(echo_session(socket, idle)))
+}
+
+async fn echo_session(mut socket: WebSocket, idle: Duration) {
+    loop {
+        let Ok(message) = tokio::time::timeout(idle, socket.next()).await else {
+            close_now(&mut socket, CLOSE_IDLE).await;
+            return;
+        };
+        let reply = match message {
+            Some(Ok(Message::Text(t))) => Message::Text(t),
+            Some(Ok(Message::Binary(b))) => Message::Binary(b),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Err(e)) => {
+                if let Inbound::Close(reason) = read_failed(e) {
+                    close_now(&mut socket, reason).await;
+                }
+                return;
+            }
+            None | Some(Ok(Message::Close(_))) => {
+                let _ = tokio::time::timeout(CLOSE_GRACE, socket.flush()).await;
+                return;
+            }
+        };
+        if socket.send(reply).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The subprotocol the Netra web client offers beside its token. Its sockets are paced

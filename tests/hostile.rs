@@ -430,3 +430,44 @@ async fn sockets_that_never_read_hold_a_bounded_amount_of_memory() {
     eprintln!("RSS growth with ten never-reading sockets: {grown_mib} MiB");
     drop(hoarders);
 }
+
+/// A browser page from a foreign origin cannot open a socket (cross-site WebSocket
+/// hijacking); the server's own page, listed origins and non-browser clients can.
+#[tokio::test]
+async fn sockets_from_foreign_origins_are_refused() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let server = Spawn::new().env("NETRA_CORS_ORIGINS", "https://app.example.com").ready().await;
+    let host = server.http("").trim_start_matches("http://").trim_end_matches('/').to_string();
+    let open = |origin: Option<String>| {
+        let mut request = server.ws_url().into_client_request().expect("request");
+        request.headers_mut().insert("authorization", format!("Bearer {}", server.token("o")).parse().expect("h"));
+        if let Some(origin) = origin {
+            request.headers_mut().insert("origin", origin.parse().expect("h"));
+        }
+        tokio_tungstenite::connect_async(request)
+    };
+    for origin in ["https://evil.example.net", "http://app.example.com", "null"] {
+        let refused = open(Some(origin.to_string())).await.expect_err("refused");
+        let tokio_tungstenite::tungstenite::Error::Http(response) = refused else { panic!("{origin}: {refused}") };
+        assert_eq!(response.status(), 403, "{origin}");
+    }
+    for origin in [Some("https://app.example.com".to_string()), Some(format!("http://{host}")), None] {
+        open(origin.clone()).await.unwrap_or_else(|e| panic!("{origin:?}: {e}"));
+    }
+}
+
+/// The echo route is off unless configured, and then answers every data frame.
+#[tokio::test]
+async fn the_echo_route_is_off_by_default_and_echoes_when_enabled() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let off = Spawn::new().ready().await;
+    let url = off.ws_url().replace("/ws", "/ws/echo");
+    assert!(tokio_tungstenite::connect_async(url).await.is_err(), "no echo route by default");
+    let on = Spawn::new().env("NETRA_ECHO_ROUTE", "true").ready().await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(on.ws_url().replace("/ws", "/ws/echo")).await.expect("echo");
+    ws.send(Message::text("héllo")).await.expect("send");
+    assert_eq!(ws.next().await.expect("frame").expect("ok"), Message::text("héllo"));
+    ws.send(Message::binary(vec![0u8, 1, 2])).await.expect("send");
+    assert_eq!(ws.next().await.expect("frame").expect("ok"), Message::binary(vec![0u8, 1, 2]));
+}

@@ -199,6 +199,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/ws", get(gateway::upgrade))
         .route("/websocket", get(gateway::upgrade))
         .route("/ws/isolated", get(gateway::upgrade))
+        .route("/ws/echo", get(gateway::echo))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/health/startup", get(health::startup_report))
