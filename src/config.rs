@@ -64,6 +64,13 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "HS256 secret for access and refresh tokens; required (16+ characters) outside development",
         secret: true,
     },
+    var(
+        "JWT_JWKS_URL",
+        "(unset)",
+        "an identity provider's JWKS URL: access tokens it signs (RS/ES/PS/EdDSA, by kid) are accepted too",
+    ),
+    var("JWT_ISSUER", "(unset)", "the `iss` that tokens signed by JWT_JWKS_URL must carry"),
+    var("JWT_AUDIENCE", "(unset)", "the `aud` that tokens signed by JWT_JWKS_URL must carry"),
     var("NETRA_DEV_LOGIN", "(dev) true, (prod) false", "serve POST /auth/dev/login"),
     var("NETRA_DEV_TOKEN_TTL", "24h", "lifetime of tokens from dev login"),
     var("NETRA_STARTUP_WAIT", "30s", "how long a WebSocket upgrade waits for startup before closing 1011"),
@@ -342,6 +349,14 @@ impl fmt::Debug for OpenAiEndpoint {
     }
 }
 
+/// An identity provider whose signed access tokens netra accepts besides its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityProvider {
+    pub jwks_url: String,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
 /// Where runs get their words.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LlmProvider {
@@ -374,6 +389,8 @@ pub struct Config {
     pub db_timeout: Duration,
     /// `None` means: development, use (or create) the secret file in the data dir.
     pub jwt_secret: Option<Secret>,
+    /// Accept access tokens signed by this provider too.
+    pub identity_provider: Option<IdentityProvider>,
     pub dev_login: bool,
     pub dev_token_ttl: Duration,
     pub startup_wait: Duration,
@@ -530,6 +547,24 @@ impl Reader {
         v
     }
 
+    fn identity_provider(&mut self) -> Option<IdentityProvider> {
+        let issuer = self.raw("JWT_ISSUER").map(str::to_string);
+        let audience = self.raw("JWT_AUDIENCE").map(str::to_string);
+        let Some(jwks_url) = self.raw("JWT_JWKS_URL").map(str::to_string) else {
+            for name in ["JWT_ISSUER", "JWT_AUDIENCE"] {
+                if self.raw(name).is_some() {
+                    self.fail(name, "has no effect without JWT_JWKS_URL", "set JWT_JWKS_URL too, or remove it");
+                }
+            }
+            return None;
+        };
+        let host = jwks_url.strip_prefix("https://").or_else(|| jwks_url.strip_prefix("http://"));
+        if host.is_none_or(str::is_empty) {
+            self.fail("JWT_JWKS_URL", "not an http(s) URL", "write e.g. https://idp.example.com/.well-known/jwks.json");
+        }
+        Some(IdentityProvider { jwks_url, issuer, audience })
+    }
+
     fn llm(&mut self) -> Llm {
         let base_url = self.raw("LLM_BASE_URL").map(|u| u.trim_end_matches('/').to_string());
         if let Some(url) = &base_url {
@@ -613,6 +648,7 @@ impl Reader {
             }),
             _ => {}
         }
+        let identity_provider = self.identity_provider();
         let dev_login = self.parse("NETRA_DEV_LOGIN", dev, "write true or false");
         let dev_token_ttl = self.duration("NETRA_DEV_TOKEN_TTL", Duration::from_secs(24 * 3600));
         let startup_wait = self.duration("NETRA_STARTUP_WAIT", Duration::from_secs(30));
@@ -721,6 +757,7 @@ impl Reader {
             database,
             db_timeout,
             jwt_secret,
+            identity_provider,
             dev_login,
             dev_token_ttl,
             startup_wait,

@@ -18,7 +18,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 
 use crate::agent::StartError;
-use crate::auth::{AuthError, TokenKind};
+use crate::auth::AuthError;
 use crate::delivery::{CloseReason, Connection, QueueLimit};
 use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
 use crate::rate::RateWindow;
@@ -204,7 +204,11 @@ async fn open(
         close_now(socket, CLOSE_STARTUP).await;
         return None;
     };
-    let user = match token.and_then(|t| app.keys.verify(&t, TokenKind::Access)) {
+    let verified = match token {
+        Ok(t) => app.keys.authenticate(&t).await,
+        Err(e) => Err(e),
+    };
+    let user = match verified {
         Ok(user) => user,
         Err(e) => {
             metrics::counter!(metric::AUTH_FAILURES, "reason" => e.reason()).increment(1);

@@ -236,7 +236,7 @@ fn components(
         }
     });
     let (c, p) = (config.clone(), parts.clone());
-    let auth = Component::new("auth", &[], required, Duration::from_secs(5), move || {
+    let auth = Component::new("auth", &[], required, Duration::from_secs(10), move || {
         let (c, p) = (c.clone(), p.clone());
         async move {
             let secret = match &c.jwt_secret {
@@ -244,7 +244,21 @@ fn components(
                 None => auth::dev_secret(&c.data_dir)
                     .map_err(|e| format!("cannot create the development secret in {}: {e}", c.data_dir.display()))?,
             };
-            let _ = p.keys.set(Keys::new(&secret));
+            let mut keys = Keys::new(&secret);
+            if let Some(provider) = &c.identity_provider {
+                // A wrong URL or an empty set is found now, not at the first login.
+                let jwks = auth::Jwks::new(provider.clone()).map_err(|e| e.to_string())?;
+                match jwks.load().await {
+                    Ok(0) => {
+                        let url = config::mask_url(&provider.jwks_url);
+                        return Err(format!("the JWKS at {url} holds no usable signing key"));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+                keys = keys.with_provider(Arc::new(jwks));
+            }
+            let _ = p.keys.set(keys);
             Ok(())
         }
     });

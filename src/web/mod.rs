@@ -22,7 +22,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa::OpenApi;
 
 use crate::agent::StartError;
-use crate::auth::{TokenKind, User};
+use crate::auth::User;
 use crate::store::StoreError;
 use crate::telemetry::metric;
 use crate::{App, Shared, gateway, health};
@@ -147,7 +147,7 @@ impl FromRequestParts<Arc<Shared>> for Authed {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
-        let user = app.keys.verify(token.trim(), TokenKind::Access).map_err(|e| {
+        let user = app.keys.authenticate(token.trim()).await.map_err(|e| {
             metrics::counter!(metric::AUTH_FAILURES, "reason" => e.reason()).increment(1);
             ApiError::new(StatusCode::UNAUTHORIZED, e.to_string())
         })?;

@@ -1,16 +1,24 @@
-//! Tokens and users. HS256 JWTs only: the algorithm is pinned, so `alg: none` or a token
-//! signed for another algorithm is rejected before its claims are read. In development a
-//! secret is generated once into the data dir (mode 0600) so `netra token` and the server
-//! agree without any setup.
+//! Tokens and users. netra's own tokens are HS256 JWTs: the algorithm is pinned, so
+//! `alg: none` or a token signed for another algorithm is rejected before its claims are
+//! read. In development a secret is generated once into the data dir (mode 0600) so
+//! `netra token` and the server agree without any setup. With `JWT_JWKS_URL`, access
+//! tokens an identity provider signs are accepted too ([`jwks`]).
+
+mod jwks;
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
+pub use self::jwks::{Jwks, JwksError};
 use crate::config::Secret;
+
+/// A token longer than this is refused before it is parsed.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// Who a request or connection acts as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +64,10 @@ pub enum AuthError {
     Expired,
     #[error("token is not valid yet")]
     NotYetValid,
+    #[error("token is signed with a key the identity provider does not publish")]
+    UnknownKey,
+    #[error("token issuer or audience is not accepted")]
+    NotAccepted,
     #[error("token is not of the right type")]
     WrongType,
 }
@@ -69,6 +81,8 @@ impl AuthError {
             Self::BadSignature => "bad_signature",
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
+            Self::UnknownKey => "unknown_key",
+            Self::NotAccepted => "not_accepted",
             Self::WrongType => "wrong_type",
         }
     }
@@ -99,12 +113,13 @@ struct Claims {
     jti: Option<String>,
 }
 
-/// Signing and verifying keys for one secret.
+/// Signing and verifying keys for one secret, and the identity provider's keys if any.
 #[derive(Clone)]
 pub struct Keys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    provider: Option<Arc<Jwks>>,
 }
 
 impl Keys {
@@ -120,6 +135,26 @@ impl Keys {
             encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
             decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
             validation,
+            provider: None,
+        }
+    }
+
+    /// Also accepts access tokens signed by `provider`.
+    pub fn with_provider(mut self, provider: Arc<Jwks>) -> Self {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// Verifies an access token a client presents: netra's own (HS256) or, with an
+    /// identity provider, one it signed with a published key.
+    pub async fn authenticate(&self, token: &str) -> Result<User, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        match &self.provider {
+            Some(provider) if header.alg != Algorithm::HS256 => provider.verify(token).await,
+            _ => self.verify(token, TokenKind::Access),
         }
     }
 
@@ -146,6 +181,9 @@ impl Keys {
 
     /// Verifies a token and that it is of `kind`.
     pub fn verify(&self, token: &str, kind: TokenKind) -> Result<User, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::Malformed);
+        }
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
