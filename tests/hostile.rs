@@ -471,3 +471,62 @@ async fn the_echo_route_is_off_by_default_and_echoes_when_enabled() {
     ws.send(Message::binary(vec![0u8, 1, 2])).await.expect("send");
     assert_eq!(ws.next().await.expect("frame").expect("ok"), Message::binary(vec![0u8, 1, 2]));
 }
+
+/// Another user's ids, through every socket message and agent route, get `forbidden` or a
+/// 404 and change nothing: the owner's run completes untouched, and neither side sees a
+/// frame of the other.
+#[tokio::test]
+async fn another_users_ids_are_refused_everywhere_and_leak_nothing() {
+    let server = Spawn::new().env("NETRA_AGENT_TOKEN_DELAY", "30ms").ready().await;
+    let mut owner = server.connect("owner").await;
+    let first = owner.chat("what is 1 + 1?", None).await;
+    let thread = first[0]["thread_id"].as_str().expect("thread").to_string();
+    // A second run, in flight while the intruder tries everything.
+    owner
+        .send(json!({"type": "user_message", "payload": {"content": "tell me a long story", "thread_id": thread}}))
+        .await;
+    let started = owner.until(|f| f["type"] == "agent_started").await;
+    let run_id = started.last().and_then(|f| f["run_id"].as_str()).expect("run_id").to_string();
+
+    let mut intruder = server.connect("intruder").await;
+    let attempts = [
+        json!({"type": "user_message", "message_id": "a1", "payload": {"content": "hi", "thread_id": thread}}),
+        json!({"type": "start_agent", "message_id": "a2", "payload": {"user_request": "hi", "thread_id": thread}}),
+        json!({"type": "subscribe", "message_id": "a3", "payload": {"thread_id": thread, "after_seq": 0}}),
+        json!({"type": "unsubscribe", "message_id": "a4", "payload": {"thread_id": thread}}),
+        json!({"type": "switch_thread", "message_id": "a5", "payload": {"thread_id": thread}}),
+    ];
+    for attempt in &attempts {
+        intruder.send(attempt.clone()).await;
+        let refused = intruder.next().await;
+        assert_eq!(refused["payload"]["code"], "forbidden", "{attempt} -> {refused}");
+        assert_eq!(refused["payload"]["ref"], attempt["message_id"], "{refused}");
+        assert!(!refused.to_string().contains("owner"), "the refusal names nobody: {refused}");
+    }
+    // Stopping someone else's run, by run or by thread, stops nothing (and says nothing).
+    intruder.send(json!({"type": "stop_agent", "payload": {"run_id": run_id}})).await;
+    intruder.send(json!({"type": "stop_agent", "payload": {"thread_id": thread}})).await;
+    for path in ["/api/agent/v2/execute", "/api/agents/triage"] {
+        let response = reqwest::Client::new()
+            .post(server.http(path))
+            .bearer_auth(server.token("intruder"))
+            .json(&json!({"message": "hi", "thread_id": thread}))
+            .send()
+            .await
+            .expect("post");
+        if path.ends_with("execute") {
+            assert_eq!(response.status(), 404, "{path}");
+        } else {
+            // The v1 route takes no thread id: it runs in the intruder's own latest thread.
+            let body: serde_json::Value = response.json().await.expect("json");
+            assert_ne!(body["data"]["thread_id"], json!(thread), "{body}");
+        }
+    }
+    let rest = owner.collect_run().await;
+    assert_eq!(rest.last().expect("frames")["type"], "final_report", "the owner's run was not stopped");
+    assert!(rest.iter().all(|f| f["thread_id"] == json!(thread)), "only the owner's thread reached the owner");
+    // The intruder saw nothing of the owner's thread, only its own v1 run.
+    intruder.send(json!({"type": "ping", "timestamp": 9})).await;
+    let seen = intruder.until(|f| f["type"] == "pong").await;
+    assert!(seen.iter().all(|f| f["thread_id"] != json!(thread)), "{seen:?}");
+}
