@@ -256,19 +256,19 @@ impl fmt::Debug for DatabaseUrl {
 }
 
 /// `url` with its password and every secret-looking query value replaced by `***`, safe
-/// to print. A password may itself hold `/`, `:` or `@`: the user part runs to the last
-/// `@` before the query.
+/// to print. A password may itself hold `/`, `:`, `@`, `?` or `#` unescaped: the user
+/// part runs to the last `@` anywhere (masking too much beats showing a password).
 pub fn mask_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let (location, query) = rest.split_at(rest.find(['?', '#']).unwrap_or(rest.len()));
-    let location = match location.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => location.to_string(),
+    let (user, rest) = match rest.rsplit_once('@') {
+        Some((userinfo, after)) => match userinfo.split_once(':') {
+            Some((user, _password)) => (format!("{user}:***@"), after),
+            None => (format!("{userinfo}@"), after),
         },
-        None => location.to_string(),
+        None => (String::new(), rest),
     };
-    format!("{scheme}://{location}{}", mask_query(query))
+    let (location, query) = rest.split_at(rest.find(['?', '#']).unwrap_or(rest.len()));
+    format!("{scheme}://{user}{location}{}", mask_query(query))
 }
 
 /// Query keys whose values are credentials (`password`, `sslpassword`, `api_key`, …).
@@ -872,6 +872,17 @@ mod tests {
             ("not a url", "not a url"),
         ] {
             assert_eq!(mask_url(url), shown, "{url}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever a password holds (`/`, `:`, `@` included), the masked URL does not show it.
+        #[test]
+        fn a_masked_url_never_shows_its_password(password in "[A-Za-z0-9/:@?#!$%&*+=~-]{8,40}", tail in "(/[a-z]{1,8})?(\\?sslmode=require)?") {
+            let url = format!("postgres://netra:{password}@db.internal:5432{tail}");
+            let shown = mask_url(&url);
+            proptest::prop_assert!(!shown.contains(&password), "{} shows the password", shown);
+            proptest::prop_assert!(shown.starts_with("postgres://netra:***@"), "{}", shown);
         }
     }
 

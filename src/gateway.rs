@@ -544,6 +544,23 @@ pub(crate) fn start_error(e: StartError) -> ProtocolError {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any header, subprotocol list or query string yields a token or an auth error,
+        /// never a panic.
+        #[test]
+        fn any_token_source_is_read_without_a_panic(
+            header in proptest::prelude::any::<String>(),
+            protocols in proptest::collection::vec(proptest::prelude::any::<String>(), 0..4),
+            query in proptest::option::of(proptest::prelude::any::<String>()),
+        ) {
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = header.parse() {
+                headers.insert(axum::http::header::AUTHORIZATION, value);
+            }
+            let _ = extract_token(&headers, &protocols, query.as_deref());
+        }
+    }
+
     #[test]
     fn the_first_token_source_present_wins() {
         let mut h = HeaderMap::new();

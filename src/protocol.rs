@@ -396,6 +396,84 @@ mod tests {
         assert_eq!(m.message, ClientMessage::Ping { timestamp: Some(json!(17)) });
     }
 
+    /// Any JSON value, nested a few levels, strings from the whole of Unicode.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+            any::<String>().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::from),
+                proptest::collection::btree_map(any::<String>(), inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    const TYPES: &[&str] = &[
+        "start_agent",
+        "user_message",
+        "user_input",
+        "message",
+        "chat",
+        "stop_agent",
+        "switch_thread",
+        "ping",
+        "subscribe",
+        "unsubscribe",
+        "session_restore",
+        "disconnect",
+        "heartbeat_ack",
+        "pong",
+        "nope",
+    ];
+
+    proptest::proptest! {
+        /// Whatever text arrives, parsing answers: a message, or an error with a code and
+        /// a message, never a panic.
+        #[test]
+        fn any_text_is_parsed_or_refused_with_a_code(text in proptest::prelude::any::<String>()) {
+            if let Err(e) = parse_client_frame(&text) {
+                proptest::prop_assert!(!e.message.is_empty());
+                let frame: Value = serde_json::from_str(&error_frame(&e)).expect("error frames are JSON");
+                proptest::prop_assert_eq!(&frame["payload"]["code"], e.code.as_str());
+            }
+        }
+
+        /// Frames of every known type with any payload: never a panic; a refused frame that
+        /// names a string `message_id` gets it back as `ref`.
+        #[test]
+        fn any_payload_of_a_known_type_is_parsed_or_refused(
+            kind in proptest::sample::select(TYPES),
+            payload in any_json(),
+            reference in proptest::option::of("[a-z0-9-]{1,12}"),
+        ) {
+            let mut frame = serde_json::json!({"type": kind, "payload": payload});
+            if let Some(r) = &reference {
+                frame["message_id"] = Value::from(r.clone());
+            }
+            if let Err(e) = parse_client_frame(&frame.to_string()) {
+                proptest::prop_assert!(!e.message.is_empty());
+                if let Some(r) = &reference {
+                    proptest::prop_assert_eq!(e.reference.as_deref(), Some(r.as_str()));
+                }
+            }
+        }
+
+        /// `after_seq` is taken exactly when it is a non-negative integer.
+        #[test]
+        fn subscribe_takes_any_u64_after_seq(after in proptest::prelude::any::<u64>(), thread in "[a-z_0-9]{1,128}") {
+            let text = format!(r#"{{"type":"subscribe","payload":{{"thread_id":"{thread}","after_seq":{after}}}}}"#);
+            let parsed = parse_client_frame(&text).expect("valid");
+            proptest::prop_assert_eq!(parsed.message, ClientMessage::Subscribe { thread_id: thread, after_seq: after });
+        }
+    }
+
     #[test]
     fn timestamps_have_milliseconds_and_z() {
         let t = time::macros::datetime!(2025-09-08 10:15:02.317891 UTC);
