@@ -357,6 +357,18 @@ impl Registry {
         n
     }
 
+    /// Sends a frame that is not part of any thread's history (so not persisted) to every
+    /// connection of `owner`, without waiting: one that has no room is closed 1013 and
+    /// resumes by `seq`.
+    pub fn tell(&self, owner: &str, text: &Utf8Bytes) {
+        let conns: Vec<Arc<Connection>> = self.users().get(owner).cloned().unwrap_or_default();
+        for conn in conns {
+            if let Push::Full = conn.push(&mut conn.outbox(), text) {
+                conn.close(CloseReason { code: 1013, reason: "send queue full" });
+            }
+        }
+    }
+
     pub fn connection_count(&self) -> usize {
         self.users().values().map(Vec::len).sum()
     }

@@ -321,6 +321,17 @@ pub fn web_client_ready(connection_id: &str, user_id: &str) -> String {
     .to_string()
 }
 
+/// Told to a run's tabs when its ending could not be stored (the database is away or
+/// full): an `error` like a protocol error, outside the thread's history, with no `seq`.
+/// It names the run and thread in its payload so the client can stop waiting for them.
+pub fn run_lost(run_id: &str, thread_id: &str) -> String {
+    let message = "the run ended but could not be recorded: the database is unavailable; try again";
+    json!({"type": "error", "timestamp": now_rfc3339(), "payload": {
+        "code": ErrorCode::Internal.as_str(), "message": message, "error_message": message,
+        "run_id": run_id, "thread_id": thread_id}})
+    .to_string()
+}
+
 pub fn pong(client_timestamp: Option<&Value>) -> String {
     let payload = match client_timestamp {
         Some(t) => json!({"client_timestamp": t}),

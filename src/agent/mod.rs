@@ -22,7 +22,7 @@ pub use builtin::Builtin;
 pub use openai::{ClientError, OpenAi, UpstreamError};
 
 use crate::delivery::{Delivery, DeliveryError, InFlight, Link};
-use crate::protocol::{EventType, now_rfc3339};
+use crate::protocol::{self, EventType, now_rfc3339};
 use crate::store::{Message, NewEvent, Row, Store, StoreError, WriteJob};
 use crate::telemetry::metric;
 
@@ -104,9 +104,10 @@ impl RunFailure {
     fn public(&self) -> (&'static str, String) {
         match self {
             Self::Upstream(e) => (e.reason(), e.public_message()),
-            Self::Delivery(_) | Self::History(_) | Self::Panicked(_) => {
-                ("failed", "the agent failed; see the server log".into())
+            Self::Delivery(_) | Self::History(_) => {
+                ("failed", "the run could not be stored: the database is unavailable; try again".into())
             }
+            Self::Panicked(_) => ("failed", "the agent failed; see the server log".into()),
         }
     }
 }
@@ -531,8 +532,12 @@ impl Supervisor {
         let close =
             async { self.inner.delivery.submit_in(&ctx.run_id, Link::Close, job, &ctx.owner).await?.wait().await };
         if let Err(e) = close.await {
-            // The run stays marked running and is closed as interrupted at next start.
+            // The run stays marked running and is closed as interrupted at next start. Its
+            // tabs are told now, with a frame outside the thread's history: nothing of this
+            // ending could be stored, and a client waiting for one would wait forever.
             tracing::error!(error = %e, status, "could not record the end of a run");
+            let frame = protocol::run_lost(&ctx.run_id, &ctx.thread_id);
+            self.inner.delivery.registry.tell(&ctx.owner, &frame.into());
         }
         status
     }
