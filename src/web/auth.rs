@@ -111,7 +111,7 @@ pub(crate) struct DevLogin {
     password: Option<String>,
 }
 
-#[utoipa::path(post, path = "/auth/dev/login", tag = "auth", request_body = DevLogin,
+#[utoipa::path(post, path = "/auth/dev/login", tag = "auth", request_body = Option<DevLogin>,
     responses((status = 200, body = TokenPair), (status = 403, description = "dev login is off", body = Detail)))]
 pub(crate) async fn dev_login(Ready(app): Ready, body: Option<Body<DevLogin>>) -> Result<Json<TokenPair>, ApiError> {
     if !app.config.dev_login {
@@ -135,6 +135,7 @@ pub(crate) async fn dev_login(Ready(app): Ready, body: Option<Body<DevLogin>>) -
 #[derive(Deserialize, ToSchema)]
 pub(crate) struct RefreshRequest {
     #[serde(alias = "refreshToken", alias = "token")]
+    #[schema(required = true, value_type = String)]
     refresh_token: Option<String>,
 }
 

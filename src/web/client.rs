@@ -30,7 +30,7 @@ pub(crate) async fn discovery() -> Json<Services> {
 #[derive(Serialize, ToSchema)]
 pub(crate) struct McpResponse {
     success: bool,
-    #[schema(value_type = Object)]
+    /// A list, or for `/api/mcp/config` an object.
     data: Value,
     message: &'static str,
 }

@@ -9,7 +9,6 @@ mod threads;
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -18,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
+use serde_json::Value;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa::OpenApi;
 
@@ -90,18 +90,26 @@ impl From<StartError> for ApiError {
     }
 }
 
-/// A JSON body whose rejections are `{"detail"}` errors like every other failure.
+/// A JSON body whose rejections are `{"detail"}` errors like every other failure. The
+/// body must be a JSON object: serde would otherwise take `[null, null]` for a struct.
 pub(crate) struct Body<T>(pub(crate) T);
+
+fn from_object<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "the body must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+}
 
 impl<T, S> FromRequest<S> for Body<T>
 where
-    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    T: serde::de::DeserializeOwned,
     S: Send + Sync,
 {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Self(v)),
+        match Json::<Value>::from_request(req, state).await {
+            Ok(Json(v)) => from_object(v).map(Self),
             Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
         }
     }
@@ -109,13 +117,14 @@ where
 
 impl<T, S> axum::extract::OptionalFromRequest<S> for Body<T>
 where
-    Json<T>: axum::extract::OptionalFromRequest<S, Rejection = JsonRejection>,
+    T: serde::de::DeserializeOwned,
     S: Send + Sync,
 {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Option<Self>, ApiError> {
-        match <Json<T> as axum::extract::OptionalFromRequest<S>>::from_request(req, state).await {
-            Ok(v) => Ok(v.map(|Json(v)| Self(v))),
+        match <Json<Value> as axum::extract::OptionalFromRequest<S>>::from_request(req, state).await {
+            Ok(Some(Json(Value::Null)) | None) => Ok(None),
+            Ok(Some(Json(v))) => from_object(v).map(|t| Some(Self(t))),
             Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
         }
     }
@@ -164,9 +173,52 @@ impl FromRequestParts<Arc<Shared>> for Authed {
         threads::execute_v2, threads::execute_v1,
         client::discovery, client::mcp_servers, client::mcp_tools, client::mcp_config,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonResponses),
 )]
 struct ApiDoc;
+
+/// The answers every operation may give besides its own, added in one place: netra's
+/// limits and axum's rejections of a body, all `{"detail"}` JSON.
+struct CommonResponses;
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, Required, ResponseBuilder};
+        let detail = |why: &str| {
+            let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("Detail"))).build();
+            ResponseBuilder::new().description(why).content("application/json", content).build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for op in operations.into_iter().flatten() {
+                let mut answers = vec![
+                    ("408", "the request took longer than NETRA_REQUEST_TIMEOUT"),
+                    ("503", "the server is starting, or its database is unavailable"),
+                ];
+                if op.security.is_some() {
+                    answers.push(("401", "no bearer token, or not a valid access token"));
+                }
+                let in_query = |p: &utoipa::openapi::path::Parameter| {
+                    matches!(p.parameter_in, utoipa::openapi::path::ParameterIn::Query)
+                };
+                if op.parameters.as_ref().is_some_and(|ps| ps.iter().any(in_query)) {
+                    answers.push(("400", "a query parameter is not of its type"));
+                }
+                if let Some(body) = &op.request_body {
+                    answers.push(("400", "the body is not JSON, or JSON of another shape"));
+                    answers.push(("413", "the body is larger than NETRA_MAX_FRAME_BYTES"));
+                    answers.push(("422", "the body does not fit the schema"));
+                    if matches!(body.required, Some(Required::True)) {
+                        answers.push(("415", "the body is not application/json"));
+                    }
+                }
+                for (code, why) in answers {
+                    op.responses.responses.entry(code.to_string()).or_insert_with(|| detail(why).into());
+                }
+            }
+        }
+    }
+}
 
 struct BearerAuth;
 

@@ -43,6 +43,7 @@ impl From<&Thread> for ThreadOut {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct Page {
     /// At most 100.
     limit: Option<i64>,
@@ -94,7 +95,7 @@ impl ThreadBody {
     }
 }
 
-#[utoipa::path(post, path = "/api/threads", tag = "threads", request_body = ThreadBody, security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/threads", tag = "threads", request_body = Option<ThreadBody>, security(("bearer" = [])),
     responses((status = 200, body = ThreadOut), (status = 401, body = Detail), (status = 422, body = Detail)))]
 pub(crate) async fn create(auth: Authed, body: Option<Body<ThreadBody>>) -> Result<Json<ThreadOut>, ApiError> {
     let body = body.map(|Body(b)| b).unwrap_or_default();
@@ -187,9 +188,8 @@ pub(crate) async fn messages(
 }
 
 /// The agent request bodies of both shims; the text is the first non-empty alias.
-#[derive(Deserialize, ToSchema)]
+#[derive(Deserialize)]
 pub(crate) struct AgentRequest {
-    #[schema(value_type = Option<Object>)]
     request_id: Option<Value>,
     #[allow(dead_code)]
     agent_type: Option<String>,
@@ -199,6 +199,32 @@ pub(crate) struct AgentRequest {
     query: Option<String>,
     thread_id: Option<String>,
 }
+
+/// Written by hand: one of the text fields must hold text, which derive cannot say.
+impl utoipa::PartialSchema for AgentRequest {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Schema, Type};
+        const TEXT_FIELDS: [&str; 4] = ["message", "content", "user_request", "query"];
+        let text = || ObjectBuilder::new().schema_type(Type::String).pattern(Some(r"\S"));
+        let optional_string = || {
+            ObjectBuilder::new().schema_type(utoipa::openapi::schema::SchemaType::from_iter([Type::String, Type::Null]))
+        };
+        let mut object = ObjectBuilder::new()
+            .description(Some("The message is the first of message, content, user_request, query that holds text."))
+            .property("request_id", ObjectBuilder::new().schema_type(utoipa::openapi::schema::SchemaType::AnyValue))
+            .property("agent_type", optional_string())
+            .property("thread_id", optional_string());
+        for field in TEXT_FIELDS {
+            object = object.property(field, optional_string());
+        }
+        let one_of_them = TEXT_FIELDS.iter().fold(AnyOfBuilder::new(), |any, field| {
+            any.item(ObjectBuilder::new().required(*field).property(*field, text()))
+        });
+        Schema::AllOf(utoipa::openapi::schema::AllOfBuilder::new().item(object).item(one_of_them).build()).into()
+    }
+}
+
+impl utoipa::ToSchema for AgentRequest {}
 
 impl AgentRequest {
     fn text(&self) -> Result<String, ApiError> {
@@ -222,7 +248,7 @@ pub(crate) struct RunRef {
 
 #[derive(Serialize, ToSchema)]
 pub(crate) struct ExecuteV2Reply {
-    #[schema(value_type = Object)]
+    /// The request's `request_id`, whatever JSON it was; null when it had none.
     request_id: Value,
     success: bool,
     result: RunRef,
