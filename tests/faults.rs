@@ -41,7 +41,14 @@ async fn a_full_disk_fails_runs_explicitly_and_recovers_without_losing_an_event(
     let disk = SmallDisk::mount(4 * 1024 * 1024);
     let filler = disk.0.join("filler");
     std::fs::write(&filler, vec![0u8; 1024 * 1024]).expect("filler");
-    let server = Spawn::new().data_dir(disk.0.join("data")).env("NETRA_AGENT_TOKEN_DELAY", "0").ready().await;
+    // SQLite in the small disk's data dir, on both passes of the suite: the fault is its disk.
+    let data = disk.0.join("data");
+    let server = Spawn::new()
+        .env("DATABASE_URL", format!("sqlite://{}", data.join("netra.db").display()))
+        .data_dir(data)
+        .env("NETRA_AGENT_TOKEN_DELAY", "0")
+        .ready()
+        .await;
     let mut tab = server.connect("filler").await;
     let big = "x".repeat(100_000);
     let mut thread: Option<String> = None;
