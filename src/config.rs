@@ -114,7 +114,7 @@ pub const VARIABLES: &[Variable] = &[
     var(
         "NETRA_MAX_PENDING_CONNECTIONS",
         "512",
-        "connections that have not sent a request yet; more are closed at once",
+        "connections that have not sent a request yet; past it the longest-waiting one is closed",
     ),
     var("NETRA_DRAIN_TIMEOUT", "10s", "on SIGTERM, how long running runs may finish before they are cancelled"),
     var("NETRA_AGENT_TOKEN_DELAY", "15ms", "builtin agent: pause between streamed words (0 for benchmarks)"),

@@ -25,7 +25,7 @@ pub mod metric {
     pub const STORE_BATCH_JOBS: &str = "netra_store_batch_jobs";
     pub const STARTUP_DURATION: &str = "netra_startup_component_duration_seconds";
     pub const HTTP_REQUESTS: &str = "netra_http_requests_total";
-    /// Connections closed at accept: too many were waiting for their first request.
+    /// Connections closed before their first request to make room for newer ones.
     pub const HTTP_SHED: &str = "netra_http_connections_shed_total";
 }
 

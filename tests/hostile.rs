@@ -336,23 +336,30 @@ async fn slow_and_silent_connections_are_closed_after_the_header_timeout() {
     assert!(after >= Duration::from_millis(400), "a kept-alive connection idles up to the timeout: {after:?}");
 }
 
-/// Connections waiting for their first request are capped: past the cap they are closed at
-/// accept, and once the waiting ones time out the server takes requests again.
+/// Connections waiting for their first request are capped: past the cap the one that
+/// has waited longest is closed, so a client that sends its request at once gets in even
+/// while silent connections fill every place.
 #[tokio::test]
-async fn connections_waiting_for_a_request_are_capped() {
+async fn connections_waiting_for_a_request_are_capped_oldest_first() {
     use std::time::Duration;
-    let server = Spawn::new().env("NETRA_HEADER_TIMEOUT", "1s").env("NETRA_MAX_PENDING_CONNECTIONS", "4").ready().await;
+    let server =
+        Spawn::new().env("NETRA_HEADER_TIMEOUT", "10s").env("NETRA_MAX_PENDING_CONNECTIONS", "4").ready().await;
     let mut holders = Vec::new();
     for _ in 0..4 {
         holders.push(slow::connect(&server).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut shed = slow::connect(&server).await;
-    let (_, after) = slow::until_closed(&mut shed, Duration::from_secs(5)).await;
-    assert!(after < Duration::from_millis(500), "closed at accept, not after the timeout: {after:?}");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let response = reqwest::get(server.http("/health/live")).await.expect("served again");
+    // A fifth silent connection takes the oldest one's place: that one is closed now,
+    // long before the header timeout.
+    let _fifth = slow::connect(&server).await;
+    let (_, after) = slow::until_closed(&mut holders[0], Duration::from_secs(5)).await;
+    assert!(after < Duration::from_secs(2), "the oldest pending connection was closed: {after:?}");
+    // A real request is served at once although every place was taken.
+    let started = std::time::Instant::now();
+    let response = reqwest::get(server.http("/health/live")).await.expect("served");
     assert_eq!(response.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     let metrics = reqwest::get(server.http("/metrics")).await.expect("metrics").text().await.expect("text");
     assert!(metrics.contains("netra_http_connections_shed_total"), "{metrics}");
 }
