@@ -255,6 +255,16 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
+/// A comma-separated list of origins, each without a trailing `/`.
+fn origin_list(raw: &str) -> Vec<String> {
+    raw.split(',').map(|o| o.trim().trim_end_matches('/').to_string()).filter(|o| !o.is_empty()).collect()
+}
+
+/// The first entry that is not an http(s) origin (`*` included).
+fn first_non_origin(origins: &[String]) -> Option<&String> {
+    origins.iter().find(|o| !(o.starts_with("http://") || o.starts_with("https://")))
+}
+
 /// `url` with its password and every secret-looking query value replaced by `***`, safe
 /// to print. A password may itself hold `/`, `:`, `@`, `?` or `#` unescaped: the user
 /// part runs to the last `@` anywhere (masking too much beats showing a password).
@@ -705,16 +715,9 @@ impl Reader {
         let stream_interval = self.duration("NETRA_STREAM_INTERVAL", Duration::from_millis(100));
         let web_client_pace = self.duration("NETRA_WEB_CLIENT_PACE", Duration::from_millis(250));
         let llm = self.llm();
-        let cors_origins: Vec<String> = self
-            .raw("NETRA_CORS_ORIGINS")
-            .unwrap_or("http://localhost:3000,http://127.0.0.1:3000")
-            .split(',')
-            .map(|o| o.trim().trim_end_matches('/').to_string())
-            .filter(|o| !o.is_empty())
-            .collect();
-        if let Some(bad) =
-            cors_origins.iter().find(|o| *o == "*" || !(o.starts_with("http://") || o.starts_with("https://")))
-        {
+        let cors_origins =
+            origin_list(self.raw("NETRA_CORS_ORIGINS").unwrap_or("http://localhost:3000,http://127.0.0.1:3000"));
+        if let Some(bad) = first_non_origin(&cors_origins) {
             let problem = format!("{bad:?} is not an origin (credentials need exact origins, never *)");
             self.fail("NETRA_CORS_ORIGINS", problem, "list origins such as http://localhost:3000");
         }
@@ -722,12 +725,8 @@ impl Reader {
             None => Some(cors_origins.clone()),
             Some("*") => None,
             Some(list) => {
-                let origins: Vec<String> = list
-                    .split(',')
-                    .map(|o| o.trim().trim_end_matches('/').to_string())
-                    .filter(|o| !o.is_empty())
-                    .collect();
-                if let Some(bad) = origins.iter().find(|o| !(o.starts_with("http://") || o.starts_with("https://"))) {
+                let origins = origin_list(list);
+                if let Some(bad) = first_non_origin(&origins) {
                     let problem = format!("{bad:?} is not an origin");
                     self.fail("NETRA_WS_ORIGINS", problem, "list origins such as https://chat.example.com, or *");
                 }

@@ -92,8 +92,7 @@ pub(crate) async fn upgrade(
     }
     let offered = offered_protocols(&headers);
     let token = extract_token(&headers, &offered, query.as_deref());
-    let limit = shared.config.limits.max_frame_bytes;
-    let mut ws = ws.max_message_size(limit).max_frame_size(limit).read_buffer_size(READ_BUFFER);
+    let mut ws = limited(ws, &shared);
     // A browser aborts the handshake unless one protocol it offered is selected (§1.2).
     // Only the Netra web client offers `jwt-auth`; netra's own page offers `netra`.
     let web_client = offered.iter().any(|p| p == WEB_CLIENT_PROTOCOL);
@@ -106,6 +105,12 @@ pub(crate) async fn upgrade(
     // another keeps its slot in both, and an idle connection is mostly its task's frames.
     ws.on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| Box::pin(session(shared, Box::new(socket), token, web_client)))
+}
+
+/// An upgrade with the limits every socket has: frame size and read buffer.
+fn limited(ws: WebSocketUpgrade, shared: &Shared) -> WebSocketUpgrade {
+    let limit = shared.config.limits.max_frame_bytes;
+    ws.max_message_size(limit).max_frame_size(limit).read_buffer_size(READ_BUFFER)
 }
 
 /// Whether a browser page from the request's `Origin` may open a socket: its own page
@@ -127,12 +132,8 @@ pub(crate) async fn echo(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade
     if !shared.config.echo_route {
         return (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"detail": "not found"}))).into_response();
     }
-    let limit = shared.config.limits.max_frame_bytes;
     let idle = shared.config.limits.idle_timeout;
-    ws.max_message_size(limit)
-        .max_frame_size(limit)
-        .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| Box::pin(echo_session(socket, idle)))
+    limited(ws, &shared).on_upgrade(move |socket| Box::pin(echo_session(socket, idle)))
 }
 
 async fn echo_session(mut socket: WebSocket, idle: Duration) {

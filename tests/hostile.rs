@@ -194,7 +194,7 @@ mod raw {
     impl Raw {
         /// Upgrades `/ws` with a bearer token and reads up to the end of the 101 response.
         pub(crate) async fn open(server: &super::common::Server, user: &str) -> Self {
-            let addr = server.http("").trim_start_matches("http://").trim_end_matches('/').to_string();
+            let addr = server.addr.to_string();
             let mut tcp = TcpStream::connect(&addr).await.expect("connect");
             let request = format!(
                 "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -277,7 +277,7 @@ mod slow {
 
     /// Connects to the server's port.
     pub(crate) async fn connect(server: &super::common::Server) -> TcpStream {
-        let addr = server.http("").trim_start_matches("http://").trim_end_matches('/').to_string();
+        let addr = server.addr.to_string();
         TcpStream::connect(addr).await.expect("connect")
     }
 
@@ -444,7 +444,7 @@ async fn sockets_that_never_read_hold_a_bounded_amount_of_memory() {
 async fn sockets_from_foreign_origins_are_refused() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let server = Spawn::new().env("NETRA_CORS_ORIGINS", "https://app.example.com").ready().await;
-    let host = server.http("").trim_start_matches("http://").trim_end_matches('/').to_string();
+    let host = server.addr.to_string();
     let open = |origin: Option<String>| {
         let mut request = server.ws_url().into_client_request().expect("request");
         request.headers_mut().insert("authorization", format!("Bearer {}", server.token("o")).parse().expect("h"));
