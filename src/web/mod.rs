@@ -1,10 +1,12 @@
 //! HTTP routes: the auth endpoints and thread REST API the Netra web client calls
 //! (PROTOCOL.md §4), the agent-over-REST shims (§4.6), health, metrics, and the OpenAPI
-//! document generated from the handlers' types. Handlers hold no state of their own;
-//! they read the published `App` and answer 503 before it exists.
+//! document generated from the handlers' types (the browser pages are in `pages`).
+//! Handlers hold no state of their own; they read the published `App` and answer 503
+//! before it exists.
 
 mod auth;
 mod client;
+mod pages;
 mod threads;
 
 use std::sync::Arc;
@@ -258,7 +260,6 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/health", get(health::health))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi))
-        .route("/", get(chat_page))
         .route("/auth/config", get(auth::config))
         .route("/auth/dev/login", post(auth::dev_login))
         .route("/auth/refresh", post(auth::refresh))
@@ -275,6 +276,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/mcp/servers", get(client::mcp_servers))
         .route("/api/mcp/tools", get(client::mcp_tools))
         .route("/api/mcp/config", get(client::mcp_config))
+        .merge(pages::routes())
         .fallback(not_found)
         // A REST body is held to the socket's frame limit: no way in takes a bigger message.
         .layer(axum::extract::DefaultBodyLimit::max(shared.config.limits.max_frame_bytes))
@@ -289,11 +291,6 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .layer(axum::middleware::map_response(preflight_no_content))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(shared)
-}
-
-/// The built-in chat page, embedded in the binary.
-async fn chat_page() -> axum::response::Html<&'static str> {
-    axum::response::Html(include_str!("chat.html"))
 }
 
 async fn not_found() -> ApiError {
