@@ -718,6 +718,47 @@ describe("a slow answer (word delays of 150-300 ms)", () => {
     }
   });
 
+  test("the network drops mid-run: the page reconnects, resumes by seq and shows every word once", { timeout: TEST_TIMEOUT }, async () => {
+    const dataDir = freshDataDir();
+    const server = await startServer({ dataDir, secret: secret(), delay: "150ms" });
+    const context = await newContext();
+    try {
+      const page = await context.newPage();
+      const seen = watch(page);
+      // Every socket of the page goes through the test, which can cut it like a network would.
+      const sockets = [];
+      await page.routeWebSocket(/\/ws$/, (ws) => {
+        ws.connectToServer();
+        sockets.push(ws);
+      });
+      const name = someone("nia");
+      await signIn(page, server.base, name);
+      await send(page, LONG);
+      await until("a few words", async () => ((await answers(page))[0] || "").split(" ").length >= 4);
+      const before = await answers(page);
+      const sentBefore = seen.sent.length;
+      await sockets.at(-1).close({ code: 1006, reason: "network drop" }).catch(() => {});
+      await until("the page to show it reconnects", async () => (await page.getAttribute("#conn", "data-state")) !== "connected");
+      await waitConnected(page);
+      assert.equal(sockets.length, 2, "one new socket");
+      const { samples, status } = await sampleUntilSettled(page);
+      assert.equal(status, "completed");
+      const final = samples.at(-1);
+      assert.ok(final.endsWith(LONG_ENDING), final);
+      assert.ok(final.startsWith(before[0]));
+      assertGrowsByPrefix(samples, final);
+      const subscribe = seen.sent.slice(sentBefore).find((f) => f.type === "subscribe");
+      assert.ok(subscribe && subscribe.payload.after_seq > 0, `resumed after the last seq shown: ${JSON.stringify(subscribe)}`);
+      assert.equal(await page.locator(".turn.assistant").count(), 1);
+      assert.deepEqual(await texts(page, ".turn.user .text"), [LONG]);
+      clean(seen);
+    } finally {
+      await context.close();
+      await server.stop();
+      rmSync(dataDir, { recursive: true, force: true });
+    }
+  });
+
   test("a server restart mid-run: the page shows reconnecting, resumes by seq, nothing doubled", { timeout: TEST_TIMEOUT }, async () => {
     const dataDir = freshDataDir();
     const key = secret();
