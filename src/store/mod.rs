@@ -3,20 +3,35 @@
 //! this module only. Multi-row writes are single transactions: a failed one leaves
 //! nothing behind. Sequence numbers are handed out inside the writing transaction from
 //! the thread row, so they stay dense and unique under concurrent writers on any node.
-//! On SQLite, [`Store::write_batch`] runs on a dedicated writer thread
-//! ([`sqlite_writer`]); everything else goes through the sqlx pool.
+//!
+//! Who owns what: this module is the facade (the API, its types and errors, the reads and
+//! REST writes through the sqlx pool, the plan that hands out `seq` numbers to a batch);
+//! [`sqlite`] is SQLite's writer thread, which runs every batch of events on its own
+//! rusqlite connection, and the history read; [`postgres`] turns a batch into a few
+//! multi-row statements and records users in batches; [`cache`] and [`history`] are what
+//! this node remembers between calls.
 
+/// What recording a user who exists already does: absent claims keep stored ones.
+macro_rules! user_conflict {
+    () => {
+        " ON CONFLICT (id) DO UPDATE SET email = COALESCE(excluded.email, users.email), \
+         name = COALESCE(excluded.name, users.name)"
+    };
+}
+
+mod cache;
 mod history;
-mod sqlite_writer;
+mod postgres;
+mod sqlite;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyPool, Row as _};
+use sqlx::{AnyPool, Row as _};
 use tracing::instrument;
 
 use crate::config::DatabaseUrl;
@@ -66,19 +81,6 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/0003_threads_by_owner.sql")),
 ];
 
-/// Set on every SQLite connection, pooled or the writer's. WAL lets readers run beside
-/// the one writer; NORMAL syncs at checkpoints, so a power cut may lose the last commits
-/// but never corrupts, and a process kill loses nothing committed.
-const SQLITE_PRAGMAS: &[&str] = &[
-    "PRAGMA journal_mode = WAL",
-    "PRAGMA synchronous = NORMAL",
-    "PRAGMA busy_timeout = 5000",
-    "PRAGMA foreign_keys = ON",
-    // No mmap_size: a WAL reader that finds a new commit drops its page cache and unmaps
-    // the whole file, so with a writer committing all the time every read paid for a
-    // munmap, a TLB shootdown and fresh page faults (more than the preads it saved).
-];
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
     Sqlite,
@@ -91,22 +93,12 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     /// On SQLite, the thread that runs [`Store::write_batch`].
-    writer: Option<sqlite_writer::Writer>,
+    writer: Option<sqlite::Writer>,
     /// On PostgreSQL, the task that records users in batches.
-    user_queue: Option<tokio::sync::mpsc::Sender<UserRequest>>,
-    owners: Arc<OwnerCache>,
+    user_queue: Option<tokio::sync::mpsc::Sender<postgres::UserRequest>>,
+    owners: Arc<cache::OwnerCache>,
     history: Arc<history::HistoryCache>,
-    /// Users recorded by this node, with the claims they were recorded with.
-    users: Arc<Mutex<HashMap<String, u64>>>,
-}
-
-/// A digest of a user's email and name, as its token gave them: what the map of recorded
-/// users keeps (one per connected user; the strings would double its size).
-fn claims_digest(email: Option<&str>, name: Option<&str>) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::hash::DefaultHasher::new();
-    (email, name).hash(&mut hasher);
-    hasher.finish()
+    users: Arc<cache::RecordedUsers>,
 }
 
 /// A user to record.
@@ -118,20 +110,9 @@ struct NewUser {
     created_at: i64,
 }
 
-/// What recording a user who exists already does: absent claims keep stored ones.
-macro_rules! user_conflict {
-    () => {
-        " ON CONFLICT (id) DO UPDATE SET email = COALESCE(excluded.email, users.email), \
-         name = COALESCE(excluded.name, users.name)"
-    };
-}
-
 /// Inserts a user, or updates the claims it came with.
 const UPSERT_USER: &str =
     concat!("INSERT INTO users (id, email, name, created_at) VALUES ($1, $2, $3, $4)", user_conflict!());
-
-/// A user to record and who waits for it.
-type UserRequest = (NewUser, tokio::sync::oneshot::Sender<Result<()>>);
 
 /// One batch's outcome, for each request in it: the error's kind (database away or the
 /// operation refused) is kept, its text copied.
@@ -143,78 +124,8 @@ fn shared_outcome(result: &Result<()>) -> Result<()> {
     }
 }
 
-/// PostgreSQL's user recorder: every user queued goes into one statement, so a storm of
-/// new connections is not a storm of round trips. Ends when every [`Store`] is dropped.
-async fn record_users(pool: AnyPool, mut requests: tokio::sync::mpsc::Receiver<UserRequest>) {
-    let mut batch = Vec::new();
-    while requests.recv_many(&mut batch, 500).await > 0 {
-        let result = {
-            // One row per user: one statement may not update a row twice. The last claims win.
-            let mut index: HashMap<&str, usize> = HashMap::new();
-            let mut rows: Vec<&NewUser> = Vec::new();
-            for (user, _) in &batch {
-                match index.get(user.id.as_str()) {
-                    Some(&i) => rows[i] = user,
-                    None => {
-                        index.insert(&user.id, rows.len());
-                        rows.push(user);
-                    }
-                }
-            }
-            let mut ph = Placeholders::default();
-            let values: Vec<String> = rows.iter().map(|_| ph.row(4)).collect();
-            let sql = format!(
-                "INSERT INTO users (id, email, name, created_at) VALUES {}{}",
-                values.join(", "),
-                user_conflict!()
-            );
-            let mut query = sqlx::query(&sql);
-            for user in &rows {
-                query = query.bind(&user.id).bind(&user.email).bind(&user.name).bind(user.created_at);
-            }
-            query.execute(&pool).await.map(|_| ()).map_err(StoreError::from)
-        };
-        for (_, reply) in batch.drain(..) {
-            let _ = reply.send(shared_outcome(&result));
-        }
-    }
-}
-
 /// The most messages a run reads as its history ([`Store::recent_messages`]).
 pub const HISTORY_DEPTH: usize = 50;
-
-/// Thread owners seen by this node. An owner never changes, so a hit is always right
-/// about ownership; a thread deleted on another node may still be listed here, which is
-/// harmless because every write re-checks `deleted_at` in its transaction.
-#[derive(Default)]
-struct OwnerCache {
-    map: Mutex<HashMap<String, String>>,
-}
-
-/// Past this many entries the cache starts over rather than grow without bound.
-const OWNER_CACHE_MAX: usize = 100_000;
-
-impl OwnerCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.map.lock().expect("owner cache lock is never held across a panic")
-    }
-
-    fn get(&self, thread_id: &str) -> Option<String> {
-        self.lock().get(thread_id).cloned()
-    }
-
-    fn insert(&self, thread_id: &str, owner: &str) {
-        let mut map = self.lock();
-        if map.len() >= OWNER_CACHE_MAX {
-            map.clear();
-        }
-        map.insert(thread_id.to_string(), owner.to_string());
-    }
-
-    fn remove(&self, thread_id: &str) {
-        self.lock().remove(thread_id);
-    }
-}
 
 /// A thread as the REST API shows it.
 #[derive(Debug, Clone)]
@@ -345,7 +256,7 @@ impl Store {
                 .after_connect(move |conn, _| {
                     Box::pin(async move {
                         if backend == Backend::Sqlite {
-                            for pragma in SQLITE_PRAGMAS {
+                            for pragma in sqlite::PRAGMAS {
                                 sqlx::query(pragma).execute(&mut *conn).await?;
                             }
                         }
@@ -375,10 +286,10 @@ impl Store {
         };
         store.migrate().await?;
         match url {
-            DatabaseUrl::Sqlite(path) => store.writer = Some(sqlite_writer::Writer::start(path).await?),
+            DatabaseUrl::Sqlite(path) => store.writer = Some(sqlite::Writer::start(path).await?),
             DatabaseUrl::Postgres(_) => {
                 let (queue, requests) = tokio::sync::mpsc::channel(4096);
-                tokio::spawn(record_users(store.pool.clone(), requests));
+                tokio::spawn(postgres::record_users(store.pool.clone(), requests));
                 store.user_queue = Some(queue);
             }
         }
@@ -454,8 +365,7 @@ impl Store {
     /// nothing; on SQLite, users recorded together are one transaction on the writer.
     #[instrument(skip_all, fields(user_id))]
     pub async fn upsert_user(&self, user_id: &str, email: Option<&str>, name: Option<&str>) -> Result<()> {
-        let claims = claims_digest(email, name);
-        if self.users.lock().expect("users lock is never held across a panic").get(user_id) == Some(&claims) {
+        if self.users.has(user_id, email, name) {
             return Ok(());
         }
         let user = NewUser {
@@ -482,11 +392,7 @@ impl Store {
                     .await?;
             }
         }
-        let mut users = self.users.lock().expect("users lock is never held across a panic");
-        if users.len() >= OWNER_CACHE_MAX {
-            users.clear();
-        }
-        users.insert(user_id.to_string(), claims);
+        self.users.remember(user_id, email, name);
         Ok(())
     }
 
@@ -734,7 +640,7 @@ impl Store {
         let now = now_ms();
         let firsts = match &self.writer {
             Some(writer) => writer.write(jobs.clone(), now).await?,
-            None => self.write_pooled(jobs, now).await?,
+            None => postgres::write_batch(&self.pool, jobs, now).await?,
         };
         let firsts: Vec<u64> = firsts.into_iter().map(|f| u64::try_from(f).unwrap_or(0)).collect();
         for (job, first) in jobs.iter().zip(&firsts) {
@@ -745,27 +651,6 @@ impl Store {
             }
             self.history.record(job, *first, now);
         }
-        Ok(firsts)
-    }
-
-    /// [`Store::write_batch`] through the pool (PostgreSQL); returns each job's first seq.
-    async fn write_pooled(&self, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
-        let batch = Batch::new(jobs, now);
-        let mut tx = self.pool.begin().await?;
-        for statement in batch.creates() {
-            statement.sqlx().execute(&mut *tx).await?;
-        }
-        let mut handed_out = Vec::new();
-        if let Some(statement) = batch.allocate() {
-            for row in statement.sqlx().fetch_all(&mut *tx).await? {
-                handed_out.push((row.try_get("id")?, row.try_get("last_seq")?));
-            }
-        }
-        let firsts = batch.firsts(handed_out)?;
-        for statement in batch.rest(&firsts) {
-            statement.sqlx().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
         Ok(firsts)
     }
 
@@ -792,38 +677,6 @@ impl Store {
     }
 }
 
-/// A value bound to a statement of [`Store::write_batch`], whichever the driver.
-#[derive(Debug, Clone, Copy)]
-enum Param<'a> {
-    Text(&'a str),
-    MaybeText(Option<&'a str>),
-    Int(i64),
-    MaybeInt(Option<i64>),
-}
-
-/// A statement of [`Store::write_batch`] on PostgreSQL (SQLite's writer thread runs cached
-/// single-row statements instead): its text and its values in placeholder order.
-#[derive(Debug)]
-struct Statement<'a> {
-    sql: String,
-    params: Vec<Param<'a>>,
-}
-
-impl Statement<'_> {
-    fn sqlx(&self) -> sqlx::query::Query<'_, Any, sqlx::any::AnyArguments<'_>> {
-        let mut query = sqlx::query(&self.sql);
-        for param in &self.params {
-            query = match *param {
-                Param::Text(v) => query.bind(v),
-                Param::MaybeText(v) => query.bind(v),
-                Param::Int(v) => query.bind(v),
-                Param::MaybeInt(v) => query.bind(v),
-            };
-        }
-        query
-    }
-}
-
 /// One [`Store::write_batch`]: the events per thread, which give each job its first
 /// `seq` ([`Batch::firsts`]), on both backends; on PostgreSQL also its statements, in the
 /// order they run: [`Batch::creates`], then [`Batch::allocate`], whose returned
@@ -835,9 +688,6 @@ struct Batch<'a> {
     totals: Vec<(&'a str, i64)>,
 }
 
-/// Rows per multi-row insert: 7 parameters each stays far below every backend's limit.
-const ROWS_PER_INSERT: usize = 200;
-
 impl<'a> Batch<'a> {
     fn new(jobs: &'a [WriteJob], now: i64) -> Self {
         let mut totals: Vec<(&str, i64)> = Vec::new();
@@ -848,59 +698,6 @@ impl<'a> Batch<'a> {
             }
         }
         Self { jobs, now, totals }
-    }
-
-    /// One insert per thread the batch creates.
-    fn creates(&self) -> Vec<Statement<'a>> {
-        let mut statements = Vec::new();
-        for job in self.jobs {
-            for row in &job.rows {
-                if let Row::CreateThread { owner_id, title } = row {
-                    let mut ph = Placeholders::default();
-                    statements.push(Statement {
-                        sql: format!(
-                            "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
-                             VALUES {}",
-                            ph.row_with(&[None, None, None, Some("'{}'"), None, None, Some("0")])
-                        ),
-                        params: vec![
-                            Param::Text(&job.thread_id),
-                            Param::Text(owner_id),
-                            Param::Text(title),
-                            Param::Int(self.now),
-                            Param::Int(self.now),
-                        ],
-                    });
-                }
-            }
-        }
-        statements
-    }
-
-    /// Hands out the next sequence numbers of every thread in the batch with one
-    /// statement returning `(id, last_seq)`; none when the batch has no events. The row
-    /// locks it takes serialize every writer of those threads, on every node, until
-    /// commit: that is what keeps seq dense and unique.
-    fn allocate(&self) -> Option<Statement<'a>> {
-        if self.totals.is_empty() {
-            return None;
-        }
-        let mut ph = Placeholders::default();
-        let mut sql = String::from("UPDATE threads SET last_seq = last_seq + CASE id");
-        let mut params = Vec::with_capacity(self.totals.len() * 3 + 1);
-        for (thread, n) in &self.totals {
-            let (a, b) = (ph.next(), ph.next());
-            sql.push_str(&format!(" WHEN {a} THEN {b}"));
-            params.extend([Param::Text(thread), Param::Int(*n)]);
-        }
-        sql.push_str(&format!(
-            " END, updated_at = {} WHERE deleted_at IS NULL AND id IN {} RETURNING id, last_seq",
-            ph.next(),
-            ph.row(self.totals.len())
-        ));
-        params.push(Param::Int(self.now));
-        params.extend(self.totals.iter().map(|(thread, _)| Param::Text(thread)));
-        Some(Statement { sql, params })
     }
 
     /// The first `seq` of each job, from the `(id, last_seq)` rows [`Batch::allocate`]
@@ -927,134 +724,6 @@ impl<'a> Batch<'a> {
                 None => 0,
             })
             .collect())
-    }
-
-    /// The events, then the message and run rows, as few statements as the batch allows;
-    /// `firsts` is the `seq` of each job's first event. Inserts come before run endings,
-    /// so a run that starts and ends within one batch is recorded right.
-    fn rest(&self, firsts: &[i64]) -> Vec<Statement<'a>> {
-        let mut events = Vec::new();
-        let mut messages = Vec::new();
-        let mut starts = Vec::new();
-        let mut ends = Vec::new();
-        for (job, first) in self.jobs.iter().zip(firsts) {
-            for (i, event) in job.events.iter().enumerate() {
-                events.extend([
-                    Param::Text(&job.thread_id),
-                    Param::Int(first + i as i64),
-                    Param::MaybeText(event.run_id.as_deref()),
-                    Param::Text(event.kind.as_str()),
-                    Param::MaybeText(event.agent_name.as_deref()),
-                    Param::Text(event.payload.get()),
-                    Param::Text(&event.timestamp),
-                ]);
-            }
-            for row in &job.rows {
-                match row {
-                    Row::CreateThread { .. } => {}
-                    Row::Message { id, role, content, run_id, event_index } => messages.extend([
-                        Param::Text(id),
-                        Param::Text(&job.thread_id),
-                        Param::Int(first + *event_index as i64),
-                        Param::Text(role),
-                        Param::Text(content),
-                        Param::MaybeText(run_id.as_deref()),
-                        Param::Int(self.now),
-                    ]),
-                    Row::StartRun { run_id, user_id, node_id } => starts.extend([
-                        Param::Text(run_id),
-                        Param::Text(&job.thread_id),
-                        Param::Text(user_id),
-                        Param::Text(node_id),
-                        Param::Int(self.now),
-                    ]),
-                    Row::EndRun { run_id, status, error, prompt_tokens, completion_tokens } => {
-                        let mut ph = Placeholders::default();
-                        ends.push(Statement {
-                            sql: format!(
-                                "UPDATE runs SET status = {}, ended_at = {}, error = {}, prompt_tokens = {}, \
-                                 completion_tokens = {} WHERE id = {}",
-                                ph.next(),
-                                ph.next(),
-                                ph.next(),
-                                ph.next(),
-                                ph.next(),
-                                ph.next()
-                            ),
-                            params: vec![
-                                Param::Text(status),
-                                Param::Int(self.now),
-                                Param::MaybeText(error.as_deref()),
-                                Param::MaybeInt(*prompt_tokens),
-                                Param::MaybeInt(*completion_tokens),
-                                Param::Text(run_id),
-                            ],
-                        });
-                    }
-                }
-            }
-        }
-        let mut statements = self.inserts(
-            "INSERT INTO events (thread_id, seq, run_id, type, agent_name, payload, created_at) VALUES",
-            &[None; 7],
-            events,
-        );
-        statements.extend(self.inserts(
-            "INSERT INTO messages (id, thread_id, seq, role, content, run_id, created_at) VALUES",
-            &[None; 7],
-            messages,
-        ));
-        statements.extend(self.inserts(
-            "INSERT INTO runs (id, thread_id, user_id, node_id, started_at, status) VALUES",
-            &[None, None, None, None, None, Some("'running'")],
-            starts,
-        ));
-        statements.extend(ends);
-        statements
-    }
-
-    /// Multi-row inserts of `params`, [`ROWS_PER_INSERT`] rows per statement, each row
-    /// shaped like `columns` (see [`Placeholders::row_with`]).
-    fn inserts(&self, head: &str, columns: &[Option<&str>], params: Vec<Param<'a>>) -> Vec<Statement<'a>> {
-        let bound = columns.iter().filter(|c| c.is_none()).count();
-        params
-            .chunks(bound * ROWS_PER_INSERT)
-            .map(|chunk| {
-                let mut ph = Placeholders::default();
-                let rows: Vec<String> = (0..chunk.len() / bound).map(|_| ph.row_with(columns)).collect();
-                Statement { sql: format!("{head} {}", rows.join(", ")), params: chunk.to_vec() }
-            })
-            .collect()
-    }
-}
-
-/// PostgreSQL's numbered placeholders (`$1`, `$2`, …) in order of appearance.
-#[derive(Default)]
-struct Placeholders {
-    n: usize,
-}
-
-impl Placeholders {
-    fn next(&mut self) -> String {
-        self.n += 1;
-        format!("${}", self.n)
-    }
-
-    /// `(p, p, …)` for one row of `cols` bound values.
-    fn row(&mut self, cols: usize) -> String {
-        format!("({})", (0..cols).map(|_| self.next()).collect::<Vec<_>>().join(", "))
-    }
-
-    /// One row: a placeholder for each `None` column, the literal SQL of each `Some`.
-    fn row_with(&mut self, columns: &[Option<&str>]) -> String {
-        let items: Vec<String> = columns
-            .iter()
-            .map(|c| match c {
-                None => self.next(),
-                Some(literal) => (*literal).to_string(),
-            })
-            .collect();
-        format!("({})", items.join(", "))
     }
 }
 
