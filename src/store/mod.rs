@@ -79,6 +79,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_run_usage.sql")),
     (3, include_str!("migrations/0003_threads_by_owner.sql")),
+    (4, include_str!("migrations/0004_running_runs.sql")),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
