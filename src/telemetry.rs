@@ -18,6 +18,7 @@ pub mod metric {
     pub const AUTH_FAILURES: &str = "netra_auth_failures_total";
     pub const RUNS: &str = "netra_runs_total";
     pub const RUNS_ACTIVE: &str = "netra_runs_active";
+    pub const RUN_STARTS: &str = "netra_run_starts_total";
     pub const EVENTS: &str = "netra_events_total";
     pub const EVENTS_DROPPED: &str = "netra_events_dropped_total";
     pub const EVENTS_REPLAYED: &str = "netra_events_replayed_total";

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -398,16 +399,20 @@ impl Supervisor {
             }
             None => (format!("th_{}", uuid::Uuid::now_v7().simple()), true),
         };
-        {
+        // Another run of this thread on this node may still have messages on their way to
+        // the store, which this run's history must include.
+        let thread_quiet = {
             let mut runs = self.runs();
             if runs.values().filter(|r| r.user_id == user_id).count() >= self.inner.runs_per_user {
                 return Err(StartError::Busy);
             }
+            let quiet = !runs.values().any(|r| r.thread_id == thread_id);
             runs.insert(
                 run_id.clone(),
                 ActiveRun { user_id: user_id.to_string(), thread_id: thread_id.clone(), cancel: cancel.clone() },
             );
-        }
+            quiet
+        };
         let message_id = format!("msg_{}", uuid::Uuid::now_v7().simple());
         let mut rows = Vec::new();
         let mut events = Vec::new();
@@ -448,38 +453,124 @@ impl Supervisor {
             &json!({"status": "started", "message": format!("{AGENT_NAME} started"), "context": {}}),
         ));
         let job = WriteJob { thread_id: thread_id.clone(), rows, events };
-        let message_seq = match self.inner.delivery.commit(job, user_id).await {
-            Ok(first) => first + message_index as u64,
-            Err(e) => {
-                self.runs().remove(&run_id);
-                return Err(e.into());
-            }
-        };
-        metrics::gauge!(metric::RUNS_ACTIVE).increment(1.0);
         let started = RunStarted { run_id: run_id.clone(), thread_id: thread_id.clone() };
-        let this = self.clone();
         let ctx = RunContext {
-            run_id: Arc::from(run_id),
-            thread_id,
+            run_id: Arc::from(run_id.as_str()),
+            thread_id: thread_id.clone(),
             owner: user_id.to_string(),
             text: text.to_string(),
             history: Vec::new(),
-            message_seq,
+            message_seq: 0,
             delivery: self.inner.delivery.clone(),
             in_flight: Default::default(),
             held: Default::default(),
             stream_interval: self.inner.stream_interval,
         };
-        self.inner.tracker.spawn(async move { this.execute(ctx, cancel).await });
+        let known =
+            if thread_quiet { self.inner.store.history_now(&thread_id, create, HISTORY_MESSAGES - 1) } else { None };
+        match known {
+            Some((through, history)) => {
+                self.start_ahead(ctx, cancel, job, through, history, message_index, &message_id).await?;
+            }
+            None => self.start_after_commit(ctx, cancel, job, message_index).await?,
+        }
         Ok(started)
     }
 
+    /// Starts a run whose history is known before its start is written: its first
+    /// events follow the start in the run's chain of writes, so a fast run is one commit
+    /// (its thread's pages written once, not twice). The start's outcome is still
+    /// awaited before the caller hears it.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_ahead(
+        &self,
+        mut ctx: RunContext,
+        cancel: CancellationToken,
+        job: WriteJob,
+        through: u64,
+        mut history: Vec<Arc<Message>>,
+        message_index: usize,
+        message_id: &str,
+    ) -> Result<(), StartError> {
+        let message_seq = through + 1 + message_index as u64;
+        history.push(Arc::new(Message {
+            id: message_id.to_string(),
+            role: "user".into(),
+            content: ctx.text.clone(),
+            created_at: crate::store::now_ms(),
+            metadata: Value::Object(Default::default()),
+            seq: i64::try_from(message_seq).unwrap_or(i64::MAX),
+        }));
+        ctx.history = history;
+        ctx.message_seq = message_seq;
+        let run_id = ctx.run_id.clone();
+        let owner = ctx.owner.clone();
+        let start = match self.inner.delivery.submit_in(&run_id, Link::Next, job, &owner).await {
+            Ok(start) => start,
+            Err(e) => {
+                self.runs().remove(&*run_id);
+                return Err(e.into());
+            }
+        };
+        metrics::gauge!(metric::RUNS_ACTIVE).increment(1.0);
+        let (written, start_written) = oneshot::channel();
+        let this = self.clone();
+        self.inner.tracker.spawn(async move { this.execute(ctx, cancel, Some(start_written)).await });
+        let outcome = start.wait().await;
+        let _ = written.send(outcome.is_ok());
+        let first = outcome?;
+        let label = if first + message_index as u64 == message_seq {
+            "one_commit"
+        } else {
+            // Something else was written to the thread in between (not by a run of this
+            // node): the run saw the thread as it was when its message was accepted.
+            tracing::debug!(run_id = %run_id, "a write to the thread raced this run's start");
+            "raced"
+        };
+        metrics::counter!(metric::RUN_STARTS, "start" => label).increment(1);
+        Ok(())
+    }
+
+    /// Starts a run once its start is written, and reads its history then.
+    async fn start_after_commit(
+        &self,
+        mut ctx: RunContext,
+        cancel: CancellationToken,
+        job: WriteJob,
+        message_index: usize,
+    ) -> Result<(), StartError> {
+        ctx.message_seq = match self.inner.delivery.commit(job, &ctx.owner).await {
+            Ok(first) => first + message_index as u64,
+            Err(e) => {
+                self.runs().remove(&*ctx.run_id);
+                return Err(e.into());
+            }
+        };
+        metrics::counter!(metric::RUN_STARTS, "start" => "after_commit").increment(1);
+        metrics::gauge!(metric::RUNS_ACTIVE).increment(1.0);
+        let this = self.clone();
+        self.inner.tracker.spawn(async move { this.execute(ctx, cancel, None).await });
+        Ok(())
+    }
+
     #[tracing::instrument(name = "run", skip_all, fields(run_id = %ctx.run_id, thread_id = %ctx.thread_id))]
-    async fn execute(self, mut ctx: RunContext, cancel: CancellationToken) {
+    /// Runs the provider and records how the run ended. `start_written` is set for a run
+    /// started ahead of its start's commit ([`Supervisor::start_ahead`]): it tells
+    /// whether the start was written, and a run whose start was not leaves nothing behind.
+    async fn execute(
+        self,
+        mut ctx: RunContext,
+        cancel: CancellationToken,
+        start_written: Option<oneshot::Receiver<bool>>,
+    ) {
         let started = Instant::now();
+        let history_known = start_written.is_some();
         // Dropping `work` (stop, deadline) drops the provider's upstream stream with it.
         let work = async {
-            ctx.history = self.inner.store.recent_messages(&ctx.thread_id, HISTORY_MESSAGES, ctx.message_seq).await?;
+            if !history_known {
+                ctx.history =
+                    self.inner.store.recent_messages(&ctx.thread_id, HISTORY_MESSAGES, ctx.message_seq).await?;
+            }
             self.inner.providers.for_user(&ctx.owner).run(&ctx).await
         };
         // A panic in a provider must not skip the run's ending (its slot, its status).
@@ -495,8 +586,9 @@ impl Supervisor {
             },
         };
         let elapsed_ms = started.elapsed().as_millis() as u64;
-        let status = self.record_ending(&ctx, ending, elapsed_ms).await;
-        metrics::counter!(metric::RUNS, "outcome" => status).increment(1);
+        if let Some(status) = self.record_ending(&ctx, ending, elapsed_ms, start_written).await {
+            metrics::counter!(metric::RUNS, "outcome" => status).increment(1);
+        }
         metrics::gauge!(metric::RUNS_ACTIVE).decrement(1.0);
         self.runs().remove(&*ctx.run_id);
     }
@@ -506,7 +598,18 @@ impl Supervisor {
     /// usually share one commit; if any of them failed, delivery refuses the completion
     /// and the run is recorded as failed instead: a completed answer counts only once
     /// every event before it is stored.
-    async fn record_ending(&self, ctx: &RunContext, ending: Ending, elapsed_ms: u64) -> &'static str {
+    ///
+    /// A run started ahead of its start's commit submits its completion without waiting
+    /// for it (the completion is refused if the start was); any other ending is written
+    /// only once `start_written` says the start was, and `None` is returned when it
+    /// was not: the caller was told, and nothing of the run is stored.
+    async fn record_ending(
+        &self,
+        ctx: &RunContext,
+        ending: Ending,
+        elapsed_ms: u64,
+        start_written: Option<oneshot::Receiver<bool>>,
+    ) -> Option<&'static str> {
         // Text held for merging belongs to the answer, also of a stopped run. If it cannot
         // be written, the ending below says how the run ended.
         let ending = match (ctx.flush_text().await, ending) {
@@ -522,12 +625,24 @@ impl Supervisor {
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
             match recorded {
-                Ok(()) => return status,
+                Ok(()) => return Some(status),
                 Err(e) => Ending::Failed(e.into()),
             }
         } else {
             ending
         };
+        if let Some(written) = start_written
+            && written.await != Ok(true)
+        {
+            // Every later write of the run's chain was refused with its start. An empty
+            // closing link releases the chain.
+            let _ = ctx.settle().await;
+            let release = WriteJob { thread_id: ctx.thread_id.clone(), rows: Vec::new(), events: Vec::new() };
+            if let Ok(release) = self.inner.delivery.submit_in(&ctx.run_id, Link::Close, release, &ctx.owner).await {
+                let _ = release.wait().await;
+            }
+            return None;
+        }
         let (status, job) = self.ending_job(ctx, &ending, elapsed_ms);
         let close =
             async { self.inner.delivery.submit_in(&ctx.run_id, Link::Close, job, &ctx.owner).await?.wait().await };
@@ -539,7 +654,7 @@ impl Supervisor {
             let frame = protocol::run_lost(&ctx.run_id, &ctx.thread_id);
             self.inner.delivery.registry.tell(&ctx.owner, &frame.into());
         }
-        status
+        Some(status)
     }
 
     /// The status and the final write of a run that ended this way.

@@ -42,6 +42,15 @@ pub(super) async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mp
     // Runs whose chain of writes is broken, until their last write comes by.
     let mut broken: HashSet<Arc<str>> = HashSet::new();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Let the tasks that are ready run first: a run started by the job just taken
+        // submits its first events now, and they join the same commit.
+        tokio::task::yield_now().await;
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
         metrics::histogram!(metric::STORE_BATCH_JOBS).record(batch.len() as f64);
         let mut jobs = Vec::with_capacity(batch.len());
         let mut waiters = Vec::with_capacity(batch.len());

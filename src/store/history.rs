@@ -69,6 +69,18 @@ impl HistoryCache {
         Some(tail.messages.iter().filter(|m| m.seq <= upto).skip(kept.saturating_sub(limit)).cloned().collect())
     }
 
+    /// What is followed of the thread now: every event through the `seq` returned is
+    /// reflected, and the last `limit` messages (at most the depth) are all there is.
+    pub(super) fn tail(&self, thread_id: &str, limit: usize) -> Option<(u64, Vec<Arc<Message>>)> {
+        if limit > self.depth {
+            return None;
+        }
+        let inner = self.lock();
+        let tail = inner.threads.get(thread_id)?;
+        let skip = tail.messages.len().saturating_sub(limit);
+        Some((tail.through_seq, tail.messages.iter().skip(skip).cloned().collect()))
+    }
+
     /// Starts following a thread from a read: `newest_first` are its last messages (up to
     /// the depth, or all it has) as of `through_seq`. A newer entry is kept.
     pub(super) fn fill(&self, thread_id: &str, through_seq: u64, newest_first: &[Arc<Message>]) {

@@ -547,6 +547,19 @@ impl Store {
         Ok((messages, total))
     }
 
+    /// The thread as a job submitted now will find it, when this node's writer is the
+    /// only one (SQLite) and nothing of the thread is still on its way to the store (the
+    /// caller knows): the `seq` its writes have reached and its last `limit` messages
+    /// (at most [`HISTORY_DEPTH`]), oldest first, from memory. `None` when that is not
+    /// known here; a thread being created has none.
+    pub fn history_now(&self, thread_id: &str, new_thread: bool, limit: usize) -> Option<(u64, Vec<Arc<Message>>)> {
+        self.writer.as_ref()?;
+        if new_thread {
+            return Some((0, Vec::new()));
+        }
+        self.history.tail(thread_id, limit.min(HISTORY_DEPTH))
+    }
+
     /// The last `limit` (at most [`HISTORY_DEPTH`]) messages of a thread up to `seq`,
     /// oldest first: the agent's context, where `seq` is the run's own message (a run in
     /// the same thread that started later is not part of it). Threads this node writes
