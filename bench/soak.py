@@ -4,9 +4,11 @@ Users chat in a loop (new and old threads), tabs connect and go away, pings flow
 tab resumes with subscribe now and then. Every 10 s netra's RSS and descriptor count are
 sampled; the verdict compares the last third of the run with the middle third: flat means
 growth below SOAK_RSS_SLACK_MIB and SOAK_FD_SLACK. Appends a line to bench/SOAK.md.
+The store's caches (history, thread owners, users: each capped) are sampled from
+/metrics beside them, so growth can be told from the caches filling toward their caps.
 Reuses bench/abuse.py's server and token helpers.
 """
-import asyncio, json, os, platform, random, sys, time
+import asyncio, json, os, platform, random, sys, time, urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
 import abuse  # noqa: E402
@@ -60,10 +62,26 @@ async def main():
     deadline = time.monotonic() + SECONDS
     samples = []
 
+    def caches():
+        """The store's in-memory caches, from /metrics: entries of each, history bytes."""
+        try:
+            with urllib.request.urlopen(f"http://{netra.host}:{netra.port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        found = {}
+        for line in text.splitlines():
+            if line.startswith(("netra_cache_entries{", "netra_cache_bytes{")):
+                name, value = line.rsplit(" ", 1)
+                key = name.split('cache="')[1].split('"')[0] + ("_bytes" if "bytes" in name else "")
+                found[key] = int(float(value))
+        return found
+
     async def sampler():
         t0 = time.monotonic()
         while time.monotonic() < deadline:
-            samples.append((round(time.monotonic() - t0), round(netra.rss_mib(), 1), netra.fds()))
+            sizes = await asyncio.to_thread(caches)
+            samples.append((round(time.monotonic() - t0), round(netra.rss_mib(), 1), netra.fds(), sizes))
             await asyncio.sleep(10)
 
     try:

@@ -65,6 +65,9 @@ pub(crate) async fn health(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 pub(crate) async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    if let Some(app) = shared.app_now() {
+        app.store.record_cache_sizes();
+    }
     shared.metrics.run_upkeep();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render()).into_response()
 }

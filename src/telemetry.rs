@@ -19,6 +19,8 @@ pub mod metric {
     pub const RUNS: &str = "netra_runs_total";
     pub const RUNS_ACTIVE: &str = "netra_runs_active";
     pub const RUN_STARTS: &str = "netra_run_starts_total";
+    pub const CACHE_ENTRIES: &str = "netra_cache_entries";
+    pub const CACHE_BYTES: &str = "netra_cache_bytes";
     pub const EVENTS: &str = "netra_events_total";
     pub const EVENTS_DROPPED: &str = "netra_events_dropped_total";
     pub const EVENTS_REPLAYED: &str = "netra_events_replayed_total";

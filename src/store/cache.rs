@@ -46,6 +46,10 @@ impl OwnerCache {
     pub(super) fn remove(&self, thread_id: &str) {
         self.lock().remove(thread_id);
     }
+
+    pub(super) fn len(&self) -> usize {
+        self.lock().len()
+    }
 }
 
 /// Users recorded by this node, with a digest of the claims they were recorded with.
@@ -70,5 +74,9 @@ impl RecordedUsers {
             map.clear();
         }
         map.insert(user_id.to_string(), claims_digest(email, name));
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.lock().len()
     }
 }

@@ -141,6 +141,12 @@ impl HistoryCache {
         }
     }
 
+    /// Threads followed and the bytes their messages count for.
+    pub(super) fn size(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.threads.len(), inner.bytes)
+    }
+
     pub(super) fn forget(&self, thread_id: &str) {
         self.lock().remove(thread_id);
     }

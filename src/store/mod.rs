@@ -36,6 +36,7 @@ use tracing::instrument;
 
 use crate::config::DatabaseUrl;
 use crate::protocol::{EventFrame, EventText, EventType};
+use crate::telemetry::metric;
 
 /// The driver's error behind a [`StoreError`].
 pub type Cause = Box<dyn std::error::Error + Send + Sync>;
@@ -558,6 +559,17 @@ impl Store {
             return Some((0, Vec::new()));
         }
         self.history.tail(thread_id, limit.min(HISTORY_DEPTH))
+    }
+
+    /// What the store holds in memory, as gauges (set when `/metrics` is read, so the
+    /// write path pays nothing for them): entries of each cache, and the bytes of
+    /// message text the history keeps. Each is bounded (see [`cache`] and [`history`]).
+    pub fn record_cache_sizes(&self) {
+        let (threads, bytes) = self.history.size();
+        metrics::gauge!(metric::CACHE_ENTRIES, "cache" => "history").set(threads as f64);
+        metrics::gauge!(metric::CACHE_BYTES, "cache" => "history").set(bytes as f64);
+        metrics::gauge!(metric::CACHE_ENTRIES, "cache" => "thread_owners").set(self.owners.len() as f64);
+        metrics::gauge!(metric::CACHE_ENTRIES, "cache" => "users").set(self.users.len() as f64);
     }
 
     /// The last `limit` (at most [`HISTORY_DEPTH`]) messages of a thread up to `seq`,
