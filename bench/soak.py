@@ -18,6 +18,9 @@ SECONDS = int(os.environ.get("SOAK_SECONDS", "600"))
 USERS = int(os.environ.get("SOAK_USERS", "20"))
 RSS_SLACK = float(os.environ.get("SOAK_RSS_SLACK_MIB", "16"))
 FD_SLACK = int(os.environ.get("SOAK_FD_SLACK", "16"))
+# NETRA_CACHE_BYTES for the server: a small budget makes the caches reach their caps in
+# minutes, so a short soak shows whether anything else grows.
+CACHE_BYTES = os.environ.get("SOAK_CACHE_BYTES", "")
 
 
 async def frames_until_end(ws):
@@ -57,7 +60,10 @@ async def chatter(url, user, deadline, stats):
 
 
 async def main():
-    netra = await abuse.Netra(sys.argv[1], {"NETRA_RATE_LIMIT": "100000"}, "soak").start()
+    extra = {"NETRA_RATE_LIMIT": "100000"}
+    if CACHE_BYTES:
+        extra["NETRA_CACHE_BYTES"] = CACHE_BYTES
+    netra = await abuse.Netra(sys.argv[1], extra, "soak").start()
     stats = {"runs": 0, "errors": 0, "reconnects": 0, "exceptions": [], "latency": []}
     deadline = time.monotonic() + SECONDS
     samples = []
@@ -102,7 +108,7 @@ async def main():
               "fd_growth": fd_growth, "samples": samples, "pass": ok}
     print(json.dumps(result))
     line = (f"| {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {os.cpu_count()} CPUs, {platform.machine()} | "
-            f"{SECONDS} s, {USERS} users | {stats['runs']} runs, {stats['errors']} errors, p99 {result['p99_ms']} ms | "
+            f"{SECONDS} s, {USERS} users{', caches ' + CACHE_BYTES + ' B' if CACHE_BYTES else ''} | {stats['runs']} runs, {stats['errors']} errors, p99 {result['p99_ms']} ms | "
             f"RSS {samples[0][1]}→{samples[-1][1]} MiB (last third +{result['rss_growth_mib']}), "
             f"fds {samples[0][2]}→{samples[-1][2]} | {'PASS' if ok else 'FAIL'} |\n")
     path = os.path.join(os.path.dirname(__file__), "SOAK.md")

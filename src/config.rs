@@ -98,6 +98,11 @@ pub const VARIABLES: &[Variable] = &[
         "bytes queued per connection, replay included; past it a consumer is closed 1013 (resumes by seq)",
     ),
     var(
+        "NETRA_CACHE_BYTES",
+        "50331648",
+        "memory the store keeps for what it remembers (recent history, thread owners, users); past it a cache starts over",
+    ),
+    var(
         "NETRA_REPLAY_BATCH",
         "500",
         "events read from the store per page when a client resumes (a page also stops at NETRA_SEND_QUEUE_BYTES)",
@@ -316,6 +321,8 @@ pub struct Limits {
     pub send_queue: usize,
     /// Bytes a connection's outbox may hold; a replay page stops at this many too.
     pub send_queue_bytes: usize,
+    /// Memory the store's caches may keep.
+    pub cache_bytes: usize,
     pub replay_batch: u32,
     pub run_deadline: Duration,
     pub heartbeat_interval: Duration,
@@ -688,6 +695,10 @@ impl Reader {
                 "use 1048576 to 4194304; it must hold a few frames",
             );
         }
+        let cache_bytes = self.parse("NETRA_CACHE_BYTES", crate::store::DEFAULT_CACHE_BYTES, "write a size in bytes");
+        if cache_bytes < 1 << 20 {
+            self.fail("NETRA_CACHE_BYTES", "below 1048576", "use 1048576 or more (the default is 50331648)");
+        }
         let replay_batch = self.positive("NETRA_REPLAY_BATCH", 500u32);
         let run_deadline = self.duration("NETRA_RUN_DEADLINE", MAX_RUN_DEADLINE);
         if run_deadline > MAX_RUN_DEADLINE || run_deadline.is_zero() {
@@ -768,6 +779,7 @@ impl Reader {
                 runs_per_user,
                 send_queue,
                 send_queue_bytes,
+                cache_bytes,
                 replay_batch,
                 run_deadline,
                 heartbeat_interval,

@@ -230,7 +230,10 @@ fn components(
     let store = Component::new("store", &[], required, config.db_timeout + Duration::from_secs(10), move || {
         let (c, p) = (c.clone(), p.clone());
         async move {
-            let store = Store::connect(&c.database, c.db_timeout).await.map_err(|e| e.to_string())?;
+            let store = Store::connect(&c.database, c.db_timeout)
+                .await
+                .map_err(|e| e.to_string())?
+                .with_cache_bytes(c.limits.cache_bytes);
             let _ = p.store.set(store);
             Ok(())
         }

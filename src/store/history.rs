@@ -16,9 +16,8 @@ use serde_json::Value;
 
 use super::{Message, Row, WriteJob};
 
-/// Past either bound the cache starts over rather than grow.
+/// Past this many threads, or its byte budget, the cache starts over rather than grow.
 const MAX_THREADS: usize = 10_000;
-const MAX_BYTES: usize = 32 << 20;
 
 pub(super) struct HistoryCache {
     /// Messages kept per thread: the most any run asks for.
@@ -26,10 +25,10 @@ pub(super) struct HistoryCache {
     inner: Mutex<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     threads: HashMap<String, Tail>,
     bytes: usize,
+    max_bytes: usize,
 }
 
 struct Tail {
@@ -44,8 +43,10 @@ fn size(message: &Message) -> usize {
 }
 
 impl HistoryCache {
-    pub(super) fn new(depth: usize) -> Self {
-        Self { depth, inner: Mutex::default() }
+    /// A cache of `depth` messages per thread, whose messages count for at most
+    /// `max_bytes`.
+    pub(super) fn new(depth: usize, max_bytes: usize) -> Self {
+        Self { depth, inner: Mutex::new(Inner { threads: HashMap::new(), bytes: 0, max_bytes }) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -136,7 +137,7 @@ impl HistoryCache {
             }
         }
         inner.bytes = inner.bytes + added - removed;
-        if inner.bytes > MAX_BYTES {
+        if inner.bytes > inner.max_bytes {
             inner.clear();
         }
     }
@@ -155,7 +156,7 @@ impl HistoryCache {
 impl Inner {
     fn insert(&mut self, thread_id: &str, tail: Tail) {
         self.remove(thread_id);
-        if self.threads.len() >= MAX_THREADS || self.bytes > MAX_BYTES {
+        if self.threads.len() >= MAX_THREADS || self.bytes > self.max_bytes {
             self.clear();
         }
         self.bytes += tail.messages.iter().map(|m| size(m)).sum::<usize>();
@@ -209,7 +210,7 @@ mod tests {
 
     #[test]
     fn a_thread_created_here_is_followed_commit_by_commit() {
-        let cache = HistoryCache::new(3);
+        let cache = HistoryCache::new(3, 1 << 20);
         cache.record(&job("t", true, &["a"], 2), 1, 0);
         cache.record(&job("t", false, &[], 3), 3, 0);
         cache.record(&job("t", false, &["b", "c", "d"], 3), 6, 0);
@@ -226,7 +227,7 @@ mod tests {
 
     #[test]
     fn a_gap_in_seq_drops_the_entry_until_a_read_refills_it() {
-        let cache = HistoryCache::new(5);
+        let cache = HistoryCache::new(5, 1 << 20);
         cache.record(&job("t", true, &["a"], 1), 1, 0);
         // Seq 2..=3 were written by another node.
         cache.record(&job("t", false, &["x"], 1), 4, 0);
@@ -255,7 +256,7 @@ mod tests {
 
     #[test]
     fn bytes_are_accounted_and_forgetting_releases_them() {
-        let cache = HistoryCache::new(2);
+        let cache = HistoryCache::new(2, 1 << 20);
         cache.record(&job("t", true, &["aaaa", "bbbb", "cccc"], 3), 1, 0);
         let expected: usize = ["bbbb", "cccc"].iter().map(|c| size(&job_message(c, 0))).sum();
         assert_eq!(cache.lock().bytes, expected);

@@ -126,6 +126,9 @@ fn shared_outcome(result: &Result<()>) -> Result<()> {
     }
 }
 
+/// The memory the store's caches may keep unless `NETRA_CACHE_BYTES` says otherwise.
+pub const DEFAULT_CACHE_BYTES: usize = 48 << 20;
+
 /// The most messages a run reads as its history ([`Store::recent_messages`]).
 pub const HISTORY_DEPTH: usize = 50;
 
@@ -282,9 +285,9 @@ impl Store {
             backend,
             writer: None,
             user_queue: None,
-            owners: Arc::default(),
-            history: Arc::new(history::HistoryCache::new(HISTORY_DEPTH)),
-            users: Arc::default(),
+            owners: Arc::new(cache::OwnerCache::new(DEFAULT_CACHE_BYTES / 6)),
+            history: Arc::new(history::HistoryCache::new(HISTORY_DEPTH, DEFAULT_CACHE_BYTES / 3 * 2)),
+            users: Arc::new(cache::RecordedUsers::new(DEFAULT_CACHE_BYTES / 6)),
         };
         store.migrate().await?;
         match url {
@@ -561,6 +564,16 @@ impl Store {
         self.history.tail(thread_id, limit.min(HISTORY_DEPTH))
     }
 
+    /// Bounds what the store keeps in memory to about `bytes`: two thirds for the
+    /// history, a sixth each for thread owners and recorded users. Called before the
+    /// store is used (it starts the caches empty).
+    pub fn with_cache_bytes(mut self, bytes: usize) -> Self {
+        self.history = Arc::new(history::HistoryCache::new(HISTORY_DEPTH, bytes / 3 * 2));
+        self.owners = Arc::new(cache::OwnerCache::new(bytes / 6));
+        self.users = Arc::new(cache::RecordedUsers::new(bytes / 6));
+        self
+    }
+
     /// What the store holds in memory, as gauges (set when `/metrics` is read, so the
     /// write path pays nothing for them): entries of each cache, and the bytes of
     /// message text the history keeps. Each is bounded (see [`cache`] and [`history`]).
@@ -568,8 +581,10 @@ impl Store {
         let (threads, bytes) = self.history.size();
         metrics::gauge!(metric::CACHE_ENTRIES, "cache" => "history").set(threads as f64);
         metrics::gauge!(metric::CACHE_BYTES, "cache" => "history").set(bytes as f64);
-        metrics::gauge!(metric::CACHE_ENTRIES, "cache" => "thread_owners").set(self.owners.len() as f64);
-        metrics::gauge!(metric::CACHE_ENTRIES, "cache" => "users").set(self.users.len() as f64);
+        for (name, (entries, bytes)) in [("thread_owners", self.owners.size()), ("users", self.users.size())] {
+            metrics::gauge!(metric::CACHE_ENTRIES, "cache" => name).set(entries as f64);
+            metrics::gauge!(metric::CACHE_BYTES, "cache" => name).set(bytes as f64);
+        }
     }
 
     /// The last `limit` (at most [`HISTORY_DEPTH`]) messages of a thread up to `seq`,
