@@ -126,8 +126,10 @@ function watch(page) {
   });
   page.on("pageerror", (e) => seen.errors.push(`pageerror: ${e.message}`));
   page.on("console", (m) => {
-    // A server stopped on purpose makes Chromium log the refused socket: not the page's fault.
-    if (m.type() === "error" && !/WebSocket connection to .* failed/.test(m.text())) seen.errors.push(m.text());
+    // A server stopped on purpose makes Chromium log the refused socket, and any request
+    // the page made in that window (its reconnect probes): not the page's fault.
+    const refused = /WebSocket connection to .* failed|Failed to load resource: net::ERR_CONNECTION_REFUSED/;
+    if (m.type() === "error" && !refused.test(m.text())) seen.errors.push(m.text());
   });
   return seen;
 }
