@@ -129,6 +129,16 @@ fn shared_outcome(result: &Result<()>) -> Result<()> {
 /// The memory the store's caches may keep unless `NETRA_CACHE_BYTES` says otherwise.
 pub const DEFAULT_CACHE_BYTES: usize = 48 << 20;
 
+/// The store's caches within about `bytes`: two thirds for the history, a sixth each
+/// for thread owners and recorded users.
+fn caches(bytes: usize) -> (Arc<cache::OwnerCache>, Arc<history::HistoryCache>, Arc<cache::RecordedUsers>) {
+    (
+        Arc::new(cache::OwnerCache::new(bytes / 6)),
+        Arc::new(history::HistoryCache::new(HISTORY_DEPTH, bytes / 3 * 2)),
+        Arc::new(cache::RecordedUsers::new(bytes / 6)),
+    )
+}
+
 /// The most messages a run reads as its history ([`Store::recent_messages`]).
 pub const HISTORY_DEPTH: usize = 50;
 
@@ -280,15 +290,8 @@ impl Store {
                 Err(e) => return Err(StoreError::Unavailable(Box::new(e))),
             }
         };
-        let mut store = Self {
-            pool,
-            backend,
-            writer: None,
-            user_queue: None,
-            owners: Arc::new(cache::OwnerCache::new(DEFAULT_CACHE_BYTES / 6)),
-            history: Arc::new(history::HistoryCache::new(HISTORY_DEPTH, DEFAULT_CACHE_BYTES / 3 * 2)),
-            users: Arc::new(cache::RecordedUsers::new(DEFAULT_CACHE_BYTES / 6)),
-        };
+        let (owners, history, users) = caches(DEFAULT_CACHE_BYTES);
+        let mut store = Self { pool, backend, writer: None, user_queue: None, owners, history, users };
         store.migrate().await?;
         match url {
             DatabaseUrl::Sqlite(path) => store.writer = Some(sqlite::Writer::start(path).await?),
@@ -564,13 +567,10 @@ impl Store {
         self.history.tail(thread_id, limit.min(HISTORY_DEPTH))
     }
 
-    /// Bounds what the store keeps in memory to about `bytes`: two thirds for the
-    /// history, a sixth each for thread owners and recorded users. Called before the
-    /// store is used (it starts the caches empty).
+    /// Bounds what the store keeps in memory to about `bytes` (see [`caches`]). Called
+    /// before the store is used (it starts the caches empty).
     pub fn with_cache_bytes(mut self, bytes: usize) -> Self {
-        self.history = Arc::new(history::HistoryCache::new(HISTORY_DEPTH, bytes / 3 * 2));
-        self.owners = Arc::new(cache::OwnerCache::new(bytes / 6));
-        self.users = Arc::new(cache::RecordedUsers::new(bytes / 6));
+        (self.owners, self.history, self.users) = caches(bytes);
         self
     }
 
