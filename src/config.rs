@@ -965,6 +965,19 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_budget_is_a_size_of_at_least_one_mebibyte() {
+        assert_eq!(load(&env(&[]), None).expect("defaults").limits.cache_bytes, crate::store::DEFAULT_CACHE_BYTES);
+        let c = load(&env(&[("NETRA_CACHE_BYTES", "2097152")]), None).expect("valid");
+        assert_eq!(c.limits.cache_bytes, 2_097_152);
+        for bad in ["1048575", "lots", "-1"] {
+            let errors = load(&env(&[("NETRA_CACHE_BYTES", bad)]), None).expect_err(bad);
+            let vars: Vec<&str> = errors.iter().map(|e| e.var.as_str()).collect();
+            assert_eq!(vars, vec!["NETRA_CACHE_BYTES"], "{bad}: {errors:?}");
+            assert_eq!(errors[0].value.as_deref(), Some(bad));
+        }
+    }
+
+    #[test]
     fn unknown_database_scheme_is_an_error() {
         let errors = load(&env(&[("DATABASE_URL", "mysql://x")]), None).expect_err("bad scheme");
         assert_eq!(errors[0].var, "DATABASE_URL");
