@@ -1,4 +1,4 @@
-//! Subcommands: `serve`, `check`, `token`, `chat`, `migrate`. `anyhow` lives here only.
+//! Subcommands: `serve`, `check`, `token`, `chat`, `migrate`, `stats`. `anyhow` lives here only.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -39,6 +39,9 @@ enum Command {
         user: String,
         #[arg(long)]
         email: Option<String>,
+        /// A permission the token carries; repeat for more (`admin` opens /api/admin/*).
+        #[arg(long = "permission")]
+        permissions: Vec<String>,
         /// Lifetime, e.g. 30m, 1h, 7d.
         #[arg(long, default_value = "1h")]
         ttl: humantime::Duration,
@@ -59,6 +62,16 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Print analytics from ClickHouse (CLICKHOUSE_URL): runs per hour, time to first
+    /// token, errors by code, top users.
+    Stats {
+        /// Hours back from now.
+        #[arg(long, default_value_t = 24)]
+        hours: u32,
+        /// Print the report as JSON (the shape of GET /api/admin/stats).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub(crate) fn main() -> ExitCode {
@@ -92,9 +105,10 @@ pub(crate) fn main() -> ExitCode {
         match cli.command {
             Command::Serve => serve(config).await,
             Command::Check => unreachable!("handled above"),
-            Command::Token { user, email, ttl } => token(&config, user, email, ttl.into()),
+            Command::Token { user, email, permissions, ttl } => token(&config, user, email, permissions, ttl.into()),
             Command::Chat { url, token, user, thread } => chat(&config, url, token, user, thread).await,
             Command::Migrate => migrate(&config).await,
+            Command::Stats { hours, json } => stats(&config, hours, json).await,
         }
     });
     match result {
@@ -164,9 +178,16 @@ fn keys(config: &Config) -> anyhow::Result<Keys> {
     Ok(Keys::new(&secret))
 }
 
-fn token(config: &Config, user: String, email: Option<String>, ttl: Duration) -> anyhow::Result<()> {
+fn token(
+    config: &Config,
+    user: String,
+    email: Option<String>,
+    permissions: Vec<String>,
+    ttl: Duration,
+) -> anyhow::Result<()> {
     let mut u = User::new(user);
     u.email = email;
+    u.permissions = permissions;
     println!("{}", keys(config)?.mint(&u, TokenKind::Access, ttl));
     Ok(())
 }
@@ -176,6 +197,23 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("while migrating {}", config.database.masked()))?;
     println!("database {} is up to date", config.database.masked());
+    Ok(())
+}
+
+async fn stats(config: &Config, hours: u32, json: bool) -> anyhow::Result<()> {
+    let Some(settings) = &config.analytics else {
+        anyhow::bail!("analytics is off: set CLICKHOUSE_URL (and CLICKHOUSE_USER, CLICKHOUSE_PASSWORD) to read it");
+    };
+    if !(1..=netra::analytics::stats::MAX_HOURS).contains(&hours) {
+        anyhow::bail!("--hours must be from 1 to {}", netra::analytics::stats::MAX_HOURS);
+    }
+    let client = netra::analytics::Client::new(settings)?;
+    let report = netra::analytics::stats::collect(&client, hours).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", netra::analytics::stats::render(&report));
+    }
     Ok(())
 }
 

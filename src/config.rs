@@ -174,6 +174,32 @@ pub const VARIABLES: &[Variable] = &[
         "false",
         "serve GET /ws/echo: an unauthenticated echo socket with /ws's limits, for conformance suites",
     ),
+    var(
+        "CLICKHOUSE_URL",
+        "(unset)",
+        "ClickHouse's HTTP interface, e.g. http://127.0.0.1:8123: turns analytics on (runs, sessions, errors)",
+    ),
+    var("CLICKHOUSE_USER", "default", "the ClickHouse user analytics writes as"),
+    Variable {
+        name: "CLICKHOUSE_PASSWORD",
+        default: "(unset)",
+        meaning: "that user's password; required for any user but `default`; never logged",
+        secret: true,
+    },
+    var("CLICKHOUSE_DATABASE", "netra", "the database analytics creates its tables in (created if missing)"),
+    var(
+        "CLICKHOUSE_REQUIRED",
+        "false",
+        "true makes an unreachable ClickHouse stop startup; otherwise analytics is degraded and spools until it answers",
+    ),
+    var("NETRA_ANALYTICS_QUEUE", "20000", "analytics rows held in memory; past it new rows are dropped and counted"),
+    var("NETRA_ANALYTICS_BATCH", "5000", "rows per insert into ClickHouse"),
+    var("NETRA_ANALYTICS_INTERVAL", "1s", "longest an analytics row waits for its batch"),
+    var(
+        "NETRA_ANALYTICS_SPOOL_BYTES",
+        "67108864",
+        "bytes of batches kept in the data dir while ClickHouse is away; past it the oldest are dropped and counted",
+    ),
     var("NETRA_LOG", "info", "log filter (tracing EnvFilter syntax)"),
     var("NETRA_LOG_FORMAT", "(dev) pretty, (prod) json", "pretty or json"),
 ];
@@ -395,6 +421,45 @@ pub struct Llm {
     pub tool_timeout: Duration,
 }
 
+/// Where analytics rows go, and how they wait: ClickHouse's HTTP interface.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClickHouse {
+    /// Without a trailing `/` and without credentials, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    pub user: String,
+    pub password: Option<Secret>,
+    /// A plain identifier (letters, digits, `_`), safe to write into SQL.
+    pub database: String,
+    /// An unreachable server stops startup instead of degrading analytics.
+    pub required: bool,
+    /// Rows held in memory before new ones are dropped.
+    pub queue: usize,
+    /// Rows per insert.
+    pub batch: usize,
+    /// Longest a row waits for its batch.
+    pub interval: Duration,
+    /// Where batches wait while the server is away, and how many bytes of them.
+    pub spool_dir: PathBuf,
+    pub spool_bytes: u64,
+}
+
+impl fmt::Debug for ClickHouse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClickHouse")
+            .field("url", &self.url)
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .field("database", &self.database)
+            .field("required", &self.required)
+            .field("queue", &self.queue)
+            .field("batch", &self.batch)
+            .field("interval", &self.interval)
+            .field("spool_dir", &self.spool_dir)
+            .field("spool_bytes", &self.spool_bytes)
+            .finish()
+    }
+}
+
 /// The whole validated configuration. Built once, then shared read-only.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -421,6 +486,8 @@ pub struct Config {
     /// Origins that may open a socket besides the server's own; `None` allows any.
     pub ws_origins: Option<Vec<String>>,
     pub echo_route: bool,
+    /// Analytics into ClickHouse; `None` turns it off.
+    pub analytics: Option<ClickHouse>,
     pub log_filter: String,
     pub log_format: LogFormat,
 }
@@ -628,6 +695,68 @@ impl Reader {
         Llm { provider, required, system_prompt, history_budget, tool_timeout }
     }
 
+    fn clickhouse(&mut self, data_dir: &Path) -> Option<ClickHouse> {
+        let queue = self.positive("NETRA_ANALYTICS_QUEUE", 20_000usize);
+        let batch = self.positive("NETRA_ANALYTICS_BATCH", 5_000usize);
+        let interval = self.duration("NETRA_ANALYTICS_INTERVAL", Duration::from_secs(1));
+        if interval.is_zero() {
+            self.fail("NETRA_ANALYTICS_INTERVAL", "must be above zero", "use a duration such as 1s");
+        }
+        let spool_bytes = self.parse("NETRA_ANALYTICS_SPOOL_BYTES", 64u64 << 20, "write a number of bytes");
+        let required = self.parse("CLICKHOUSE_REQUIRED", false, "write true or false");
+        let user = self.raw("CLICKHOUSE_USER").unwrap_or("default").to_string();
+        let password = self.raw("CLICKHOUSE_PASSWORD").map(Secret::new);
+        let database = self.raw("CLICKHOUSE_DATABASE").unwrap_or("netra").to_string();
+        let Some(raw) = self.raw("CLICKHOUSE_URL").map(|u| u.trim_end_matches('/').to_string()) else {
+            for name in ["CLICKHOUSE_USER", "CLICKHOUSE_PASSWORD", "CLICKHOUSE_DATABASE", "CLICKHOUSE_REQUIRED"] {
+                if self.raw(name).is_some() {
+                    self.fail(name, "has no effect without CLICKHOUSE_URL", "set CLICKHOUSE_URL too, or remove it");
+                }
+            }
+            return None;
+        };
+        let host = raw.strip_prefix("http://").or_else(|| raw.strip_prefix("https://"));
+        match host {
+            None | Some("") => {
+                self.fail(
+                    "CLICKHOUSE_URL",
+                    "not an http(s) URL",
+                    "write ClickHouse's HTTP interface, e.g. http://127.0.0.1:8123",
+                );
+            }
+            Some(rest) if rest.split('/').next().is_some_and(|authority| authority.contains('@')) => {
+                self.fail(
+                    "CLICKHOUSE_URL",
+                    "holds credentials",
+                    "put the user in CLICKHOUSE_USER and the password in CLICKHOUSE_PASSWORD",
+                );
+            }
+            Some(_) => {}
+        }
+        if password.is_none() && user != "default" {
+            self.fail(
+                "CLICKHOUSE_PASSWORD",
+                format!("required for CLICKHOUSE_USER={user:?}"),
+                "set the password of that ClickHouse user",
+            );
+        }
+        if database.is_empty() || !database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            self.fail("CLICKHOUSE_DATABASE", "not a plain name", "use letters, digits and _ only, e.g. netra");
+        }
+        Some(ClickHouse {
+            url: raw,
+            user,
+            password,
+            database,
+            required,
+            queue,
+            batch,
+            interval,
+            spool_dir: data_dir.join("analytics-spool"),
+            spool_bytes,
+        })
+    }
+
     fn build(&mut self) -> Config {
         let environment = self.parse("ENVIRONMENT", Environment::Development, "use development, staging or production");
         let dev = environment == Environment::Development;
@@ -745,6 +874,7 @@ impl Reader {
             }
         };
         let echo_route = self.parse("NETRA_ECHO_ROUTE", false, "write true or false");
+        let analytics = self.clickhouse(&data_dir);
         let log_filter = self.raw("NETRA_LOG").unwrap_or("info").to_string();
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
             self.fail("NETRA_LOG", e.to_string(), "use a filter such as info or netra=debug,info");
@@ -796,6 +926,7 @@ impl Reader {
             cors_origins,
             ws_origins,
             echo_route,
+            analytics,
             log_filter,
             log_format,
         }
@@ -962,6 +1093,51 @@ mod tests {
         let errors = load(&env(&[("LLM_BASE_URL", "ftp://x"), ("LLM_PROVIDER", "claude")]), None).expect_err("bad");
         let vars: Vec<&str> = errors.iter().map(|e| e.var.as_str()).collect();
         assert_eq!(vars, vec!["LLM_BASE_URL", "LLM_PROVIDER"], "{errors:?}");
+    }
+
+    #[test]
+    fn analytics_is_off_by_default_and_its_settings_are_checked_together() {
+        assert!(load(&env(&[]), None).expect("defaults").analytics.is_none());
+        let c = load(&env(&[("CLICKHOUSE_URL", "http://127.0.0.1:8123/")]), None).expect("valid");
+        let ch = c.analytics.expect("on");
+        assert_eq!(
+            (ch.url.as_str(), ch.user.as_str(), ch.database.as_str()),
+            ("http://127.0.0.1:8123", "default", "netra")
+        );
+        assert!(!ch.required);
+        assert_eq!(ch.spool_dir, PathBuf::from("./data/analytics-spool"));
+        let errors = load(
+            &env(&[
+                ("CLICKHOUSE_URL", "http://ops:pa55word@ch:8123"),
+                ("CLICKHOUSE_USER", "netra"),
+                ("CLICKHOUSE_DATABASE", "netra; DROP TABLE x"),
+                ("CLICKHOUSE_REQUIRED", "yes"),
+                ("NETRA_ANALYTICS_INTERVAL", "0s"),
+            ]),
+            None,
+        )
+        .expect_err("every problem at once");
+        let vars: Vec<&str> = errors.iter().map(|e| e.var.as_str()).collect();
+        for var in [
+            "CLICKHOUSE_URL",
+            "CLICKHOUSE_PASSWORD",
+            "CLICKHOUSE_DATABASE",
+            "CLICKHOUSE_REQUIRED",
+            "NETRA_ANALYTICS_INTERVAL",
+        ] {
+            assert!(vars.contains(&var), "{var} missing from {errors:?}");
+        }
+        let shown = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(!shown.contains("pa55word"), "{shown}");
+        let errors = load(&env(&[("CLICKHOUSE_PASSWORD", "s3cret-value")]), None).expect_err("no URL");
+        assert_eq!(errors[0].var, "CLICKHOUSE_PASSWORD");
+        assert!(!errors[0].to_string().contains("s3cret-value"));
+        let c = load(
+            &env(&[("CLICKHOUSE_URL", "http://ch:8123"), ("CLICKHOUSE_USER", "netra"), ("CLICKHOUSE_PASSWORD", "pw")]),
+            None,
+        )
+        .expect("valid");
+        assert!(!format!("{c:?}").contains("\"pw\""), "the password never prints");
     }
 
     #[test]

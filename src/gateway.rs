@@ -18,6 +18,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 
 use crate::agent::StartError;
+use crate::analytics::{self, SessionRow};
 use crate::auth::AuthError;
 use crate::delivery::{CloseReason, Connection, QueueLimit};
 use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
@@ -173,11 +174,41 @@ const NETRA_PROTOCOL: &str = "netra";
 /// before the loop, each frame's handling and each write live in boxes of their own.
 async fn session(shared: Arc<Shared>, mut socket: Box<WebSocket>, token: Result<String, AuthError>, web_client: bool) {
     let _tracked = shared.connections.token();
-    let Some((app, conn)) = Box::pin(open(&shared, &mut socket, token, web_client)).await else { return };
-    serve(&app, &shared, &conn, &mut socket).await;
+    let opened = (std::time::Instant::now(), analytics::unix_now());
+    let Some((app, conn, hello)) = Box::pin(open(&shared, &mut socket, token, web_client)).await else { return };
+    let mut traffic = Traffic { frames_out: 1, bytes_out: hello as u64, ..Traffic::default() };
+    let close_code = serve(&app, &shared, &conn, &mut socket, &mut traffic).await;
     app.delivery.registry.unregister(&conn);
     conn.finish();
+    if app.analytics.is_on() && *conn.user_id != *crate::selftest::USER {
+        app.analytics.record(SessionRow {
+            opened_at: opened.1,
+            closed_at: analytics::unix_now(),
+            connection_id: conn.id.clone(),
+            user_id: conn.user_id.to_string(),
+            node: app.analytics.node().to_string(),
+            client: if web_client { "web_client" } else { "netra" },
+            close_code,
+            frames_in: traffic.frames_in,
+            frames_out: traffic.frames_out,
+            bytes_in: traffic.bytes_in,
+            bytes_out: traffic.bytes_out,
+            duration_ms: analytics::millis(opened.0.elapsed()),
+        });
+    }
 }
+
+/// Data frames and their bytes each way on one socket, for its analytics row.
+#[derive(Default)]
+struct Traffic {
+    frames_in: u64,
+    frames_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// The close code of a socket whose transport went without a close frame (RFC 6455 §7.1.5).
+const CLOSED_ABNORMALLY: u16 = 1006;
 
 async fn close_now(socket: &mut WebSocket, reason: CloseReason) {
     metrics::counter!(metric::WS_CLOSES, "code" => reason.code.to_string()).increment(1);
@@ -193,13 +224,14 @@ async fn close_socket(socket: &mut WebSocket, reason: CloseReason) {
 }
 
 /// Everything between the upgrade and the first frame: readiness, the token, the
-/// per-user limit, the hello. `None` when the socket was closed instead.
+/// per-user limit, the hello (its length is returned). `None` when the socket was
+/// closed instead.
 async fn open(
     shared: &Arc<Shared>,
     socket: &mut WebSocket,
     token: Result<String, AuthError>,
     web_client: bool,
-) -> Option<(Arc<App>, Arc<Connection>)> {
+) -> Option<(Arc<App>, Arc<Connection>, usize)> {
     metrics::counter!(metric::WS_CONNECTIONS_TOTAL).increment(1);
     let Some(app) = shared.wait_for_app().await else {
         close_now(socket, CLOSE_STARTUP).await;
@@ -217,6 +249,7 @@ async fn open(
                 AuthError::Expired => (ErrorCode::TokenExpired, "Token expired"),
                 _ => (ErrorCode::Unauthorized, "unauthorized"),
             };
+            app.analytics.record_error("", code.as_str(), "socket", "", "");
             let frame = protocol::error_frame(&ProtocolError::new(code, e.to_string()));
             let _ = socket.send(Message::Text(frame.into())).await;
             close_now(socket, CloseReason { code: 1008, reason }).await;
@@ -245,6 +278,7 @@ async fn open(
         limits.heartbeat_interval.as_secs(),
         limits.max_frame_bytes,
     );
+    let hello_bytes = hello.len();
     if socket.send(Message::Text(hello.into())).await.is_err() {
         app.delivery.registry.unregister(&conn);
         return None;
@@ -254,7 +288,7 @@ async fn open(
         // again; this one is that frame, instead of the first run's `agent_started`.
         conn.send(protocol::web_client_ready(&conn.id, &conn.user_id)).await;
     }
-    Some((app, conn))
+    Some((app, conn, hello_bytes))
 }
 
 /// How long a write may still take once a close is decided: a client that reads gets its
@@ -267,8 +301,14 @@ type Handling<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Sen
 
 /// The connection's loop, one task: writes what the outbox holds (everything pending in
 /// one flush), reads and handles frames one at a time, pings on the heartbeat, closes
-/// after the idle timeout or when asked to.
-async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut WebSocket) {
+/// after the idle timeout or when asked to. Returns the close code sent or received.
+async fn serve(
+    app: &App,
+    shared: &Shared,
+    conn: &Arc<Connection>,
+    socket: &mut WebSocket,
+    traffic: &mut Traffic,
+) -> u16 {
     let limits = &shared.config.limits;
     let mut rate = RateWindow::new(limits.rate_limit, limits.rate_window);
     let mut idle_at = Instant::now() + limits.idle_timeout;
@@ -297,6 +337,8 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
         };
         if !batch.is_empty() {
             metrics::counter!(metric::FRAMES_OUT).increment(batch.len() as u64);
+            traffic.frames_out += batch.len() as u64;
+            traffic.bytes_out += batch.iter().map(|f| f.len() as u64).sum::<u64>();
             let frames = std::mem::take(&mut batch);
             let write = async {
                 for text in frames {
@@ -306,13 +348,13 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
             };
             // Boxed, like every step but the wait itself: the idle task stays small.
             if !matches!(Box::pin(write_unless_stuck(conn, limits.idle_timeout, write)).await, Some(Ok(()))) {
-                return;
+                return CLOSED_ABNORMALLY;
             }
             continue;
         }
         if let Some(reason) = close {
             Box::pin(close_socket(socket, reason)).await;
-            return;
+            return reason.code;
         }
         let wake_at = ping_at.min(idle_at);
         timer.as_mut().reset(if held { wake_at.min(paced_until) } else { wake_at });
@@ -326,14 +368,21 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
             }
             message = socket.next(), if handling.is_none() => {
                 idle_at = Instant::now() + limits.idle_timeout;
+                if let Some(Ok(Message::Text(t))) = &message {
+                    traffic.frames_in += 1;
+                    traffic.bytes_in += t.len() as u64;
+                } else if let Some(Ok(Message::Binary(b))) = &message {
+                    traffic.frames_in += 1;
+                    traffic.bytes_in += b.len() as u64;
+                }
                 match inbound(app, conn, &mut rate, message) {
                     Inbound::Handle(work) => handling = Some(work),
                     Inbound::Skip => {}
                     Inbound::Close(reason) => conn.close(reason),
-                    Inbound::Gone => {
+                    Inbound::Gone(code) => {
                         // Sends tungstenite's reply to a client's close frame, if there was one.
                         let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, socket.flush())).await;
-                        return;
+                        return code;
                     }
                 }
             }
@@ -348,7 +397,7 @@ async fn serve(app: &App, shared: &Shared, conn: &Arc<Connection>, socket: &mut 
                     ping_at = now + limits.heartbeat_interval;
                     let ping = socket.send(Message::Ping(Bytes::new()));
                     if !matches!(Box::pin(write_unless_stuck(conn, limits.idle_timeout, ping)).await, Some(Ok(()))) {
-                        return;
+                        return CLOSED_ABNORMALLY;
                     }
                 }
             }
@@ -382,7 +431,9 @@ enum Inbound<'a> {
     Handle(Handling<'a>),
     Skip,
     Close(CloseReason),
-    Gone,
+    /// The client closed (with this code; 1005 when its close frame had none) or its
+    /// transport went (1006).
+    Gone(u16),
 }
 
 /// What to do about one read from the socket.
@@ -393,14 +444,15 @@ fn inbound<'a>(
     message: Option<Result<Message, axum::Error>>,
 ) -> Inbound<'a> {
     let text = match message {
-        None | Some(Ok(Message::Close(_))) => return Inbound::Gone,
+        None => return Inbound::Gone(CLOSED_ABNORMALLY),
+        Some(Ok(Message::Close(frame))) => return Inbound::Gone(frame.map_or(1005, |f| f.code)),
         Some(Err(e)) => return read_failed(e),
         Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Inbound::Skip,
         Some(Ok(Message::Binary(_))) => None,
         Some(Ok(Message::Text(t))) => Some(t),
     };
     metrics::counter!(metric::FRAMES_IN).increment(1);
-    let reply = |error: ProtocolError| -> Inbound<'a> { Inbound::Handle(Box::pin(reply_error(conn, error))) };
+    let reply = |error: ProtocolError| -> Inbound<'a> { Inbound::Handle(Box::pin(reply_error(app, conn, error))) };
     // Parsed before the rate check, so even a refused frame's error names its reference.
     let parsed = text.map(|t| protocol::parse_client_frame(t.as_str()));
     if !rate.allow() {
@@ -419,7 +471,7 @@ fn inbound<'a>(
         Ok(inbound) => Inbound::Handle(Box::pin(async move {
             if let Err(mut e) = handle(app, conn, inbound.message).await {
                 e.reference = inbound.reference;
-                reply_error(conn, e).await;
+                reply_error(app, conn, e).await;
             }
         })),
         Err(e) => reply(e),
@@ -435,14 +487,15 @@ fn read_failed(e: axum::Error) -> Inbound<'static> {
     match inner.downcast_ref::<Error>() {
         Some(Error::Capacity(_)) => Inbound::Close(CLOSE_TOO_BIG),
         Some(Error::Utf8(_)) => Inbound::Close(CLOSE_BAD_DATA),
-        Some(Error::Protocol(WsError::ResetWithoutClosingHandshake)) => Inbound::Gone,
+        Some(Error::Protocol(WsError::ResetWithoutClosingHandshake)) => Inbound::Gone(CLOSED_ABNORMALLY),
         Some(Error::Protocol(_)) => Inbound::Close(CLOSE_PROTOCOL),
-        _ => Inbound::Gone,
+        _ => Inbound::Gone(CLOSED_ABNORMALLY),
     }
 }
 
-async fn reply_error(conn: &Connection, error: ProtocolError) {
+async fn reply_error(app: &App, conn: &Connection, error: ProtocolError) {
     metrics::counter!(metric::PROTOCOL_ERRORS, "code" => error.code.as_str()).increment(1);
+    app.analytics.record_error(&conn.user_id, error.code.as_str(), "socket", "", "");
     conn.send(protocol::error_frame(&error)).await;
 }
 

@@ -7,6 +7,7 @@
 //! a service after startup: handlers only ever read the immutable `App`.
 
 pub mod agent;
+pub mod analytics;
 pub mod auth;
 pub mod config;
 pub mod delivery;
@@ -35,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agent::{Builtin, OpenAi, Provider, Providers, Supervisor};
+use crate::analytics::Analytics;
 use crate::auth::Keys;
 use crate::config::{Config, LlmProvider};
 use crate::delivery::{CloseReason, Delivery};
@@ -48,6 +50,10 @@ pub struct App {
     pub store: Store,
     pub delivery: Delivery,
     pub supervisor: Supervisor,
+    /// Where runs, sessions and errors are recorded; off unless `CLICKHOUSE_URL` is set.
+    pub analytics: Analytics,
+    /// Answers operators' questions from ClickHouse, when analytics is on.
+    pub clickhouse: Option<analytics::Client>,
     /// Short tasks spawned on behalf of connections (replays).
     pub tasks: TaskTracker,
     /// The rate limit of the REST routes that start runs, per user.
@@ -106,6 +112,8 @@ pub enum ServeError {
     Http(#[source] std::io::Error),
     #[error(transparent)]
     Provider(#[from] agent::ClientError),
+    #[error("analytics: {0}")]
+    Analytics(String),
 }
 
 /// Binds `host:port` with a listen backlog that survives a connection storm (the
@@ -127,6 +135,8 @@ struct Parts {
     provider: OnceLock<Provider>,
     delivery: OnceLock<Delivery>,
     supervisor: OnceLock<Supervisor>,
+    analytics: Analytics,
+    clickhouse: Option<analytics::Client>,
 }
 
 fn part<T: Clone>(slot: &OnceLock<T>, name: &str) -> T {
@@ -154,7 +164,17 @@ pub async fn serve(
 
     let background = CancellationToken::new();
     let writers = TaskTracker::new();
-    let parts = Arc::new(Parts::default());
+    // The sink runs from the first millisecond: rows wait in its spool while ClickHouse
+    // is away, whatever startup found.
+    let (analytics, clickhouse, sink) = match &config.analytics {
+        Some(settings) => {
+            let client = analytics::Client::new(settings).map_err(|e| ServeError::Analytics(e.to_string()))?;
+            let (handle, sink) = analytics::start(settings, client.clone(), NODE_ID, shared.report.clone());
+            (handle, Some(client), Some(sink))
+        }
+        None => (Analytics::off(), None, None),
+    };
+    let parts = Arc::new(Parts { analytics, clickhouse, ..Parts::default() });
     // Built before startup, so runs have a provider even while its endpoint is degraded.
     let provider = match &config.llm.provider {
         LlmProvider::Builtin => Provider::Builtin(Builtin { token_delay: config.agent_token_delay }),
@@ -207,6 +227,10 @@ pub async fn serve(
     shared.connections.close();
     if tokio::time::timeout(Duration::from_secs(5), shared.connections.wait()).await.is_err() {
         tracing::warn!("some sockets did not close within 5 s");
+    }
+    if let Some(sink) = sink {
+        // After the sockets and runs, whose last rows it sends (or spools).
+        sink.finish().await;
     }
     if let Some(app) = shared.app_now()
         && let Err(e) = app.store.close().await
@@ -320,6 +344,7 @@ fn components(
                     c.limits.runs_per_user,
                     c.limits.run_deadline,
                     c.stream_interval,
+                    p.analytics.clone(),
                 );
                 supervisor.close_interrupted_runs().await.map_err(|e| e.to_string())?;
                 let _ = p.supervisor.set(supervisor);
@@ -339,6 +364,8 @@ fn components(
                     store: part(&p.store, "store"),
                     delivery: part(&p.delivery, "delivery"),
                     supervisor: part(&p.supervisor, "agent_supervisor"),
+                    analytics: p.analytics.clone(),
+                    clickhouse: p.clickhouse.clone(),
                     tasks: TaskTracker::new(),
                 };
                 s.app.send_replace(Some(Arc::new(app)));
@@ -353,7 +380,18 @@ fn components(
             selftest::run(addr, &part(&p.keys, "auth"), &app.store).await
         }
     });
-    vec![store, auth, provider, delivery, supervisor, gateway, self_test]
+    let mut components = vec![store, auth, provider, delivery, supervisor, gateway, self_test];
+    if let (Some(settings), Some(client)) = (&config.analytics, &parts.clickhouse) {
+        // Optional unless CLICKHOUSE_REQUIRED: nothing depends on it, so while it is
+        // degraded every other component starts and chat works.
+        let criticality = if settings.required { required } else { Criticality::Optional };
+        let client = client.clone();
+        components.push(Component::new(analytics::COMPONENT, &[], criticality, Duration::from_secs(25), move || {
+            let client = client.clone();
+            async move { client.ensure_schema().await.map_err(|e| e.to_string()) }
+        }));
+    }
+    components
 }
 
 /// Keeps the store's health current with a real query every 2 s, so `/health/ready`

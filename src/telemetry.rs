@@ -30,6 +30,12 @@ pub mod metric {
     pub const HTTP_REQUESTS: &str = "netra_http_requests_total";
     /// Connections closed before their first request to make room for newer ones.
     pub const HTTP_SHED: &str = "netra_http_connections_shed_total";
+    /// Analytics rows by outcome: queued (taken from the chat path), sent, spooled.
+    pub const ANALYTICS_ROWS: &str = "netra_analytics_rows_total";
+    /// Analytics rows lost, by reason: queue_full, spool_full, spool_error, no_spool, stopped.
+    pub const ANALYTICS_DROPPED: &str = "netra_analytics_dropped_total";
+    pub const ANALYTICS_SPOOL_BYTES: &str = "netra_analytics_spool_bytes";
+    pub const ANALYTICS_INSERT_SECONDS: &str = "netra_analytics_insert_seconds";
 }
 
 /// Sets up logging once per process; a second call is a no-op.

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 pub use builtin::Builtin;
 pub use openai::{ClientError, OpenAi, UpstreamError};
 
+use crate::analytics::{self, Analytics, RunRow};
 use crate::delivery::{Delivery, DeliveryError, InFlight, Link};
 use crate::protocol::{self, EventType, now_rfc3339};
 use crate::store::{Message, NewEvent, Row, Store, StoreError, WriteJob};
@@ -45,6 +46,14 @@ impl Provider {
         match self {
             Self::Builtin(b) => b.run(ctx).await,
             Self::OpenAi(o) => o.run(ctx).await,
+        }
+    }
+
+    /// The provider's kind and model, as analytics records them.
+    fn describe(&self) -> (&'static str, &str) {
+        match self {
+            Self::Builtin(_) => ("builtin", "builtin"),
+            Self::OpenAi(o) => ("openai", o.model()),
         }
     }
 }
@@ -130,6 +139,22 @@ pub struct RunContext {
     /// Streamed text held back to be merged (see [`RunContext::stream_text`]).
     held: std::sync::Mutex<HeldText>,
     stream_interval: Duration,
+    /// What analytics records of the run: when it was asked for, its first text, its tools.
+    timing: std::sync::Mutex<Timing>,
+}
+
+/// When a run was asked for and what it did, for its analytics row.
+struct Timing {
+    requested: Instant,
+    requested_unix: u32,
+    first_text: Option<Instant>,
+    tool_calls: u32,
+}
+
+impl Timing {
+    fn now() -> Self {
+        Self { requested: Instant::now(), requested_unix: analytics::unix_now(), first_text: None, tool_calls: 0 }
+    }
 }
 
 /// Answer text streamed but not yet emitted, and when the last `partial_result` went.
@@ -146,6 +171,9 @@ impl RunContext {
     /// Text streamed before it is emitted first, so the thread keeps its order.
     pub async fn emit(&self, kind: EventType, payload: Value) -> Result<(), DeliveryError> {
         self.flush_text().await?;
+        if kind == EventType::ToolExecuting {
+            self.timing().tool_calls += 1;
+        }
         self.push_event(kind, payload).await
     }
 
@@ -183,7 +211,12 @@ impl RunContext {
             held.last_sent = Some(tokio::time::Instant::now());
             std::mem::take(&mut held.pending)
         };
+        self.timing().first_text.get_or_insert_with(Instant::now);
         self.push_event(EventType::PartialResult, json!({"content": text, "is_complete": false})).await
+    }
+
+    fn timing(&self) -> std::sync::MutexGuard<'_, Timing> {
+        self.timing.lock().expect("timing lock is never held across a panic")
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, HeldText> {
@@ -289,6 +322,7 @@ struct Inner {
     deadline: Duration,
     /// How long streamed text is held to be merged into one delta.
     stream_interval: Duration,
+    analytics: Analytics,
     runs: Mutex<HashMap<String, ActiveRun>>,
     tracker: TaskTracker,
     accepting: AtomicBool,
@@ -310,6 +344,7 @@ enum Ending {
 }
 
 impl Supervisor {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         delivery: Delivery,
         store: Store,
@@ -318,6 +353,7 @@ impl Supervisor {
         runs_per_user: usize,
         deadline: Duration,
         stream_interval: Duration,
+        analytics: Analytics,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -328,6 +364,7 @@ impl Supervisor {
                 runs_per_user,
                 deadline,
                 stream_interval,
+                analytics,
                 runs: Mutex::new(HashMap::new()),
                 tracker: TaskTracker::new(),
                 accepting: AtomicBool::new(true),
@@ -386,6 +423,7 @@ impl Supervisor {
         if !self.inner.accepting.load(Ordering::Acquire) {
             return Err(StartError::ShuttingDown);
         }
+        let timing = Timing::now();
         let run_id = format!("run_{}", uuid::Uuid::now_v7().simple());
         let cancel = CancellationToken::new();
         let (thread_id, create) = match thread_id {
@@ -465,6 +503,7 @@ impl Supervisor {
             in_flight: Default::default(),
             held: Default::default(),
             stream_interval: self.inner.stream_interval,
+            timing: std::sync::Mutex::new(timing),
         };
         let known =
             if thread_quiet { self.inner.store.history_now(&thread_id, create, HISTORY_MESSAGES - 1) } else { None };
@@ -564,6 +603,7 @@ impl Supervisor {
         start_written: Option<oneshot::Receiver<bool>>,
     ) {
         let started = Instant::now();
+        let queue_ms = analytics::millis(started.duration_since(ctx.timing().requested));
         let history_known = start_written.is_some();
         // Dropping `work` (stop, deadline) drops the provider's upstream stream with it.
         let work = async {
@@ -586,11 +626,51 @@ impl Supervisor {
             },
         };
         let elapsed_ms = started.elapsed().as_millis() as u64;
+        let (usage, reason) = match &ending {
+            Ending::Completed(answer) => (answer.usage, ""),
+            Ending::Cancelled => (None, ""),
+            Ending::TimedOut => (None, "timed_out"),
+            Ending::Failed(failure) => (None, failure.public().0),
+        };
         if let Some(status) = self.record_ending(&ctx, ending, elapsed_ms, start_written).await {
             metrics::counter!(metric::RUNS, "outcome" => status).increment(1);
+            let reason = if status == "failed" && reason.is_empty() { "failed" } else { reason };
+            self.record_run(&ctx, status, reason, queue_ms, usage);
         }
         metrics::gauge!(metric::RUNS_ACTIVE).decrement(1.0);
         self.runs().remove(&*ctx.run_id);
+    }
+
+    /// The run's analytics row, and its error when it ended with one. The self-test's
+    /// runs are netra's own, not a user's.
+    fn record_run(&self, ctx: &RunContext, status: &'static str, reason: &str, queue_ms: u32, usage: Option<Usage>) {
+        let analytics = &self.inner.analytics;
+        if !analytics.is_on() || self.inner.providers.probe.as_ref().is_some_and(|(probe, _)| *probe == ctx.owner) {
+            return;
+        }
+        let timing = ctx.timing();
+        let (provider, model) = self.inner.providers.for_user(&ctx.owner).describe();
+        let usage = usage.unwrap_or_default();
+        analytics.record(RunRow {
+            ts: timing.requested_unix,
+            run_id: ctx.run_id.to_string(),
+            user_id: ctx.owner.clone(),
+            thread_id: ctx.thread_id.clone(),
+            node: analytics.node().to_string(),
+            provider,
+            model: model.to_string(),
+            status,
+            error_code: reason.to_string(),
+            queue_ms,
+            first_token_ms: timing.first_text.map(|t| analytics::millis(t.duration_since(timing.requested))),
+            total_ms: analytics::millis(timing.requested.elapsed()),
+            tokens_in: usage.prompt_tokens,
+            tokens_out: usage.completion_tokens,
+            tool_calls: timing.tool_calls,
+        });
+        if !reason.is_empty() {
+            analytics.record_error(&ctx.owner, reason, "run", &ctx.thread_id, &ctx.run_id);
+        }
     }
 
     /// Persists how the run ended and returns the status recorded. A completion is

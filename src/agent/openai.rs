@@ -123,6 +123,11 @@ pub struct OpenAi {
 }
 
 impl OpenAi {
+    /// The model runs ask for.
+    pub fn model(&self) -> &str {
+        &self.endpoint.model
+    }
+
     /// A provider for `endpoint`, sending what `llm` says a run sends.
     pub fn new(endpoint: OpenAiEndpoint, llm: &Llm) -> Result<Self, ClientError> {
         let client =

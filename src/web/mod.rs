@@ -4,6 +4,7 @@
 //! Handlers hold no state of their own; they read the published `App` and answer 503
 //! before it exists.
 
+mod admin;
 mod auth;
 mod client;
 mod pages;
@@ -174,6 +175,7 @@ impl FromRequestParts<Arc<Shared>> for Authed {
         threads::list, threads::create, threads::get_one, threads::update, threads::delete, threads::messages,
         threads::execute_v2, threads::execute_v1,
         client::discovery, client::mcp_servers, client::mcp_tools, client::mcp_config,
+        admin::stats,
     ),
     modifiers(&BearerAuth, &CommonResponses),
 )]
@@ -276,6 +278,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/mcp/servers", get(client::mcp_servers))
         .route("/api/mcp/tools", get(client::mcp_tools))
         .route("/api/mcp/config", get(client::mcp_config))
+        .route("/api/admin/stats", get(admin::stats))
         .merge(pages::routes())
         .fallback(not_found)
         // A REST body is held to the socket's frame limit: no way in takes a bigger message.
@@ -358,6 +361,7 @@ mod tests {
             "/api/mcp/servers",
             "/api/mcp/tools",
             "/api/mcp/config",
+            "/api/admin/stats",
         ] {
             assert!(doc["paths"].get(path).is_some(), "{path} missing from the OpenAPI document");
         }
