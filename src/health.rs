@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::Shared;
 use crate::startup::{Criticality, State as ComponentState};
+use crate::telemetry::metric;
 
 pub(crate) async fn live() -> Json<Value> {
     Json(json!({"status": "ok"}))
@@ -67,6 +68,9 @@ pub(crate) async fn health(State(shared): State<Arc<Shared>>) -> Response {
 pub(crate) async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     if let Some(app) = shared.app_now() {
         app.store.record_cache_sizes();
+        if app.analytics.is_on() {
+            metrics::gauge!(metric::ANALYTICS_QUEUE).set(app.analytics.queued() as f64);
+        }
     }
     shared.metrics.run_upkeep();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render()).into_response()

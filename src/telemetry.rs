@@ -35,6 +35,8 @@ pub mod metric {
     /// Analytics rows lost, by reason: queue_full, spool_full, spool_error, no_spool, stopped.
     pub const ANALYTICS_DROPPED: &str = "netra_analytics_dropped_total";
     pub const ANALYTICS_SPOOL_BYTES: &str = "netra_analytics_spool_bytes";
+    /// Rows waiting in memory for the sink, read at each scrape.
+    pub const ANALYTICS_QUEUE: &str = "netra_analytics_queue_rows";
     pub const ANALYTICS_INSERT_SECONDS: &str = "netra_analytics_insert_seconds";
 }
 

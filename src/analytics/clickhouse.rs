@@ -156,6 +156,11 @@ impl Client {
         Ok(())
     }
 
+    /// Drops the database and every table in it (benchmarks clean up with it).
+    pub async fn drop_database(&self) -> Result<(), ClickHouseError> {
+        self.send(&format!("DROP DATABASE IF EXISTS {}", self.database), None, false).await.map(|_| ())
+    }
+
     /// Inserts `JSONEachRow` lines into `table`, as one request: ClickHouse writes a
     /// request of fewer rows than its block size (a million) as one block, and a block
     /// within one partition as one part, so it lands whole or not at all.

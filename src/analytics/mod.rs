@@ -49,6 +49,11 @@ impl Analytics {
         self.inner.as_ref().map_or("", |i| &i.node)
     }
 
+    /// Rows waiting in the queue for the sink.
+    pub fn queued(&self) -> usize {
+        self.inner.as_ref().map_or(0, |i| i.queue.max_capacity() - i.queue.capacity())
+    }
+
     /// Queues one row for the sink, or drops it (counted) when the queue is full. Never
     /// waits and never fails the caller.
     pub fn record(&self, row: impl Into<Row>) {
