@@ -68,7 +68,7 @@ async fn main() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, backend) = open(&target, dir.path()).await;
         let tracker = TaskTracker::new();
-        let delivery = Delivery::start(store.clone(), 500, 2 * 1024 * 1024, &tracker);
+        let delivery = Delivery::start(store.clone(), 500, 2 * 1024 * 1024, &tracker, netra::broker::Broker::local());
         let per = total / n;
         let mut threads = Vec::new();
         for i in 0..n {

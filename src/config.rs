@@ -121,6 +121,26 @@ pub const VARIABLES: &[Variable] = &[
         "512",
         "connections that have not sent a request yet; past it the longest-waiting one is closed",
     ),
+    var(
+        "REDIS_URL",
+        "(unset)",
+        "`redis://[:PASSWORD@]HOST:PORT[/DB]`: several nodes deliver each other's events (scale-out); unset: one node",
+    ),
+    var(
+        "REDIS_REQUIRED",
+        "false",
+        "true makes an unreachable Redis stop startup; otherwise each node serves its own users until it is back",
+    ),
+    var(
+        "NETRA_NODE_ID",
+        "(generated once into the data dir)",
+        "this node's name in a cluster: its runs record it, and only it ends its own leftovers at start",
+    ),
+    var(
+        "NETRA_NODE_LEASE",
+        "15s",
+        "on PostgreSQL: a node that has not renewed its lease for this long is gone, and another node ends its runs",
+    ),
     var("NETRA_DRAIN_TIMEOUT", "10s", "on SIGTERM, how long running runs may finish before they are cancelled"),
     var("NETRA_AGENT_TOKEN_DELAY", "15ms", "builtin agent: pause between streamed words (0 for benchmarks)"),
     var(
@@ -421,6 +441,27 @@ pub struct Llm {
     pub tool_timeout: Duration,
 }
 
+/// Redis, for the nodes of a cluster to deliver each other's events.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redis {
+    pub url: Secret,
+    /// An unreachable Redis stops startup instead of degrading to one node's users.
+    pub required: bool,
+}
+
+impl Redis {
+    /// The URL with any password masked: the form every message and log shows.
+    pub fn shown_url(&self) -> String {
+        mask_url(self.url.expose())
+    }
+}
+
+impl fmt::Debug for Redis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Redis").field("url", &self.shown_url()).field("required", &self.required).finish()
+    }
+}
+
 /// Where analytics rows go, and how they wait: ClickHouse's HTTP interface.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClickHouse {
@@ -478,6 +519,12 @@ pub struct Config {
     pub startup_wait: Duration,
     pub limits: Limits,
     pub drain_timeout: Duration,
+    /// The broker between nodes; `None`: this node alone (in-process).
+    pub redis: Option<Redis>,
+    /// `None`: the id kept in the data dir (see `cluster::node_id`).
+    pub node_id: Option<String>,
+    /// A node silent for this long is gone (shared PostgreSQL only).
+    pub node_lease: Duration,
     pub agent_token_delay: Duration,
     /// Streamed text of a run is merged into one `partial_result` per this interval.
     pub stream_interval: Duration,
@@ -851,6 +898,32 @@ impl Reader {
         }
         let max_pending_connections = self.positive("NETRA_MAX_PENDING_CONNECTIONS", 512usize);
         let drain_timeout = self.duration("NETRA_DRAIN_TIMEOUT", Duration::from_secs(10));
+        let redis_required = self.parse("REDIS_REQUIRED", false, "write true or false");
+        let redis = match self.raw("REDIS_URL") {
+            None => {
+                if self.raw("REDIS_REQUIRED").is_some() {
+                    self.fail("REDIS_REQUIRED", "has no effect without REDIS_URL", "set REDIS_URL too, or remove it");
+                }
+                None
+            }
+            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                Some(Redis { url: Secret::new(url), required: redis_required })
+            }
+            Some(_) => {
+                self.fail("REDIS_URL", "not a redis:// URL", "write e.g. redis://127.0.0.1:6379");
+                None
+            }
+        };
+        let node_id = self.raw("NETRA_NODE_ID").map(str::to_string);
+        if let Some(id) = &node_id
+            && (id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            self.fail("NETRA_NODE_ID", "not a plain name of at most 64 characters", "use letters, digits, - _ and .");
+        }
+        let node_lease = self.duration("NETRA_NODE_LEASE", Duration::from_secs(15));
+        if node_lease < Duration::from_secs(3) {
+            self.fail("NETRA_NODE_LEASE", "shorter than 3s", "use a duration such as 15s");
+        }
         let agent_token_delay = self.duration("NETRA_AGENT_TOKEN_DELAY", Duration::from_millis(15));
         let stream_interval = self.duration("NETRA_STREAM_INTERVAL", Duration::from_millis(100));
         let web_client_pace = self.duration("NETRA_WEB_CLIENT_PACE", Duration::from_millis(250));
@@ -920,6 +993,9 @@ impl Reader {
                 max_pending_connections,
             },
             drain_timeout,
+            redis,
+            node_id,
+            node_lease,
             agent_token_delay,
             stream_interval,
             llm,

@@ -177,8 +177,10 @@ async fn session(shared: Arc<Shared>, mut socket: Box<WebSocket>, token: Result<
     let opened = (std::time::Instant::now(), analytics::unix_now());
     let Some((app, conn, hello)) = Box::pin(open(&shared, &mut socket, token, web_client)).await else { return };
     let mut traffic = Traffic { frames_out: 1, bytes_out: hello as u64, ..Traffic::default() };
+    app.delivery.broker().hold(&conn.user_id);
     let close_code = serve(&app, &shared, &conn, &mut socket, &mut traffic).await;
     app.delivery.registry.unregister(&conn);
+    app.delivery.broker().release(&conn.user_id);
     conn.finish();
     if app.analytics.is_on() && *conn.user_id != *crate::selftest::USER {
         app.analytics.record(SessionRow {
@@ -537,6 +539,8 @@ async fn handle(app: &App, conn: &Arc<Connection>, message: ClientMessage) -> Re
         }
         ClientMessage::Stop { run_id, thread_id } => {
             app.supervisor.stop(&conn.user_id, run_id.as_deref(), thread_id.as_deref());
+            // The run may be on another node.
+            app.delivery.broker().publish_stop(&conn.user_id, run_id.as_deref(), thread_id.as_deref());
             Ok(())
         }
         ClientMessage::SwitchThread { thread_id } => owned(app, conn, &thread_id).await,

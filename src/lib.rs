@@ -9,6 +9,8 @@
 pub mod agent;
 pub mod analytics;
 pub mod auth;
+pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 mod gateway;
@@ -114,6 +116,8 @@ pub enum ServeError {
     Provider(#[from] agent::ClientError),
     #[error("analytics: {0}")]
     Analytics(String),
+    #[error("broker: {0}")]
+    Broker(String),
 }
 
 /// Binds `host:port` with a listen backlog that survives a connection storm (the
@@ -125,9 +129,6 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Identifies this process's runs in a shared database.
-const NODE_ID: &str = "local";
-
 #[derive(Default)]
 struct Parts {
     store: OnceLock<Store>,
@@ -137,6 +138,7 @@ struct Parts {
     supervisor: OnceLock<Supervisor>,
     analytics: Analytics,
     clickhouse: Option<analytics::Client>,
+    broker: broker::Broker,
 }
 
 fn part<T: Clone>(slot: &OnceLock<T>, name: &str) -> T {
@@ -150,6 +152,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let begun = Instant::now();
+    let node_id = cluster::node_id(config.node_id.as_deref(), &config.data_dir);
+    tracing::info!(node_id = %node_id, "this node");
     let config = Arc::new(config);
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let (app_tx, _) = watch::channel(None);
@@ -169,19 +173,29 @@ pub async fn serve(
     let (analytics, clickhouse, sink) = match &config.analytics {
         Some(settings) => {
             let client = analytics::Client::new(settings).map_err(|e| ServeError::Analytics(e.to_string()))?;
-            let (handle, sink) = analytics::start(settings, client.clone(), NODE_ID, shared.report.clone());
+            let (handle, sink) = analytics::start(settings, client.clone(), &node_id, shared.report.clone());
             (handle, Some(client), Some(sink))
         }
         None => (Analytics::off(), None, None),
     };
-    let parts = Arc::new(Parts { analytics, clickhouse, ..Parts::default() });
+    // The broker too: a node started while Redis is away is ready, degraded, and heals.
+    let (broker, incoming) = match &config.redis {
+        Some(redis) => {
+            let (broker, incoming) =
+                broker::start(redis.url.expose(), &node_id, shared.report.clone(), background.clone())
+                    .map_err(|e| ServeError::Broker(format!("REDIS_URL={}: {e}", redis.shown_url())))?;
+            (broker, Some(incoming))
+        }
+        None => (broker::Broker::local(), None),
+    };
+    let parts = Arc::new(Parts { analytics, clickhouse, broker, ..Parts::default() });
     // Built before startup, so runs have a provider even while its endpoint is degraded.
     let provider = match &config.llm.provider {
         LlmProvider::Builtin => Provider::Builtin(Builtin { token_delay: config.agent_token_delay }),
         LlmProvider::OpenAi(endpoint) => Provider::OpenAi(OpenAi::new(endpoint.clone(), &config.llm)?),
     };
     let _ = parts.provider.set(provider);
-    let components = components(&config, &shared, &parts, &writers, addr);
+    let components = components(&config, &shared, &parts, &writers, addr, &node_id);
     shared.report.declare(&components);
 
     // The listener answers probes before any component exists.
@@ -200,8 +214,23 @@ pub async fn serve(
         return Err(failure.into());
     }
     tracing::info!(ms = begun.elapsed().as_secs_f64() * 1000.0, "ready");
+    let mut lease = None;
+    if let (Some(app), Some(incoming)) = (shared.app_now(), incoming) {
+        tokio::spawn(from_other_nodes(app, incoming));
+    }
     if let Some(app) = shared.app_now() {
         tokio::spawn(watch_store(app.store.clone(), shared.report.clone(), background.clone()));
+        if app.store.is_shared() {
+            let stop = CancellationToken::new();
+            let keeper = cluster::keep_lease(
+                app.store.clone(),
+                app.supervisor.clone(),
+                node_id.clone(),
+                config.node_lease,
+                stop.clone(),
+            );
+            lease = Some((tokio::spawn(keeper), stop));
+        }
     }
 
     tokio::pin!(shutdown);
@@ -228,6 +257,11 @@ pub async fn serve(
     if tokio::time::timeout(Duration::from_secs(5), shared.connections.wait()).await.is_err() {
         tracing::warn!("some sockets did not close within 5 s");
     }
+    if let Some((keeper, stop)) = lease {
+        // Every run has ended: the lease is given up, and no other node sweeps this one.
+        stop.cancel();
+        let _ = keeper.await;
+    }
     if let Some(sink) = sink {
         // After the sockets and runs, whose last rows it sends (or spools).
         sink.finish().await;
@@ -248,6 +282,7 @@ fn components(
     parts: &Arc<Parts>,
     writers: &TaskTracker,
     addr: SocketAddr,
+    node_id: &str,
 ) -> Vec<Component> {
     let required = Criticality::Required;
     let (c, p) = (config.clone(), parts.clone());
@@ -314,18 +349,19 @@ fn components(
                 c.limits.replay_batch,
                 c.limits.send_queue_bytes,
                 &w,
+                p.broker.clone(),
             ));
             Ok(())
         }
     });
-    let (c, p) = (config.clone(), parts.clone());
+    let (c, p, node) = (config.clone(), parts.clone(), node_id.to_string());
     let supervisor = Component::new(
         "agent_supervisor",
         &["delivery", "llm_provider"],
         required,
         Duration::from_secs(30),
         move || {
-            let (c, p) = (c.clone(), p.clone());
+            let (c, p, node) = (c.clone(), p.clone(), node.clone());
             async move {
                 // The self-test proves netra's own pipeline; the model has its own check.
                 let providers = Providers {
@@ -340,12 +376,17 @@ fn components(
                     part(&p.delivery, "delivery"),
                     part(&p.store, "store"),
                     providers,
-                    NODE_ID.to_string(),
+                    node.clone(),
                     c.limits.runs_per_user,
                     c.limits.run_deadline,
                     c.stream_interval,
                     p.analytics.clone(),
                 );
+                let store = part(&p.store, "store");
+                if store.is_shared() {
+                    // Alive before any run of this node exists: no other node sweeps its runs.
+                    store.renew_lease(&node, store::now_ms()).await.map_err(|e| e.to_string())?;
+                }
                 supervisor.close_interrupted_runs().await.map_err(|e| e.to_string())?;
                 let _ = p.supervisor.set(supervisor);
                 Ok(())
@@ -381,6 +422,15 @@ fn components(
         }
     });
     let mut components = vec![store, auth, provider, delivery, supervisor, gateway, self_test];
+    if let Some(redis) = &config.redis {
+        // Optional unless REDIS_REQUIRED: without Redis a node still serves its own users.
+        let criticality = if redis.required { required } else { Criticality::Optional };
+        let url = redis.url.clone();
+        components.push(Component::new(broker::COMPONENT, &[], criticality, Duration::from_secs(5), move || {
+            let url = url.clone();
+            async move { broker::ping(url.expose()).await }
+        }));
+    }
     if let (Some(settings), Some(client)) = (&config.analytics, &parts.clickhouse) {
         // Optional unless CLICKHOUSE_REQUIRED: nothing depends on it, so while it is
         // degraded every other component starts and chat works.
@@ -392,6 +442,26 @@ fn components(
         }));
     }
     components
+}
+
+/// Acts on what other nodes send: their events for this node's tabs, stops of runs
+/// running here, and after an outage of Redis, the fill of what this node missed.
+async fn from_other_nodes(app: Arc<App>, mut incoming: tokio::sync::mpsc::Receiver<broker::Incoming>) {
+    use broker::Incoming;
+    while let Some(message) = incoming.recv().await {
+        match message {
+            Incoming::Event { owner, thread_id, seq, kind, frame } => {
+                app.delivery.remote_event(&owner, &thread_id, seq, &kind, frame);
+            }
+            Incoming::Stop { owner, run_id, thread_id } => {
+                app.supervisor.stop(&owner, run_id.as_deref(), thread_id.as_deref());
+            }
+            Incoming::Doorbell { owner, thread_id, seq, since_ms } => {
+                app.delivery.doorbell(&owner, &thread_id, seq, since_ms).await;
+            }
+            Incoming::Resubscribed { outage_began_ms } => app.delivery.refill_since(outage_began_ms).await,
+        }
+    }
 }
 
 /// Keeps the store's health current with a real query every 2 s, so `/health/ready`

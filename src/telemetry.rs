@@ -30,6 +30,10 @@ pub mod metric {
     pub const HTTP_REQUESTS: &str = "netra_http_requests_total";
     /// Connections closed before their first request to make room for newer ones.
     pub const HTTP_SHED: &str = "netra_http_connections_shed_total";
+    /// Messages between nodes by outcome: published, received, dropped.
+    pub const BROKER_MESSAGES: &str = "netra_broker_messages_total";
+    /// Gaps in a thread's events from other nodes, filled from the store.
+    pub const GAP_FILLS: &str = "netra_gap_fills_total";
     /// Analytics rows by outcome: queued (taken from the chat path), sent, spooled.
     pub const ANALYTICS_ROWS: &str = "netra_analytics_rows_total";
     /// Analytics rows lost, by reason: queue_full, spool_full, spool_error, no_spool, stopped.

@@ -169,7 +169,8 @@ async fn rows_arrive_with_their_values_and_stats_answer_from_them() {
     assert_eq!(run["status"], "completed");
     assert_eq!(run["error_code"], "");
     assert_eq!(run["provider"], "builtin");
-    assert_eq!(run["node"], "local");
+    let node = std::fs::read_to_string(server.data_dir.join("node_id")).expect("the node id kept in the data dir");
+    assert_eq!(run["node"], node.trim(), "the node's generated id");
     assert!(run["tool_calls"].as_u64().expect("tool calls") >= 1, "the calculator: {run}");
     assert!(run["first_token_ms"].is_u64(), "text was streamed: {run}");
     assert!(run["total_ms"].as_u64().expect("total") >= run["first_token_ms"].as_u64().expect("first"));

@@ -263,7 +263,7 @@ async fn a_failed_write_breaks_its_runs_chain() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(backend, &dir).await;
         let tracker = tokio_util::task::TaskTracker::new();
-        let delivery = Delivery::start(store.clone(), 100, usize::MAX, &tracker);
+        let delivery = Delivery::start(store.clone(), 100, usize::MAX, &tracker, netra::broker::Broker::local());
         let thread = unique("th");
         delivery.commit(new_thread_job(&thread, "u"), "u").await.expect("create");
         let (run, other): (Arc<str>, Arc<str>) = (Arc::from("run_a"), Arc::from("run_b"));

@@ -25,7 +25,7 @@ pub use openai::{ClientError, OpenAi, UpstreamError};
 use crate::analytics::{self, Analytics, RunRow};
 use crate::delivery::{Delivery, DeliveryError, InFlight, Link};
 use crate::protocol::{self, EventType, now_rfc3339};
-use crate::store::{Message, NewEvent, Row, Store, StoreError, WriteJob};
+use crate::store::{InterruptedRun, Message, NewEvent, Row, Store, StoreError, WriteJob};
 use crate::telemetry::metric;
 
 /// The name every event of a run carries in `agent_name`.
@@ -376,29 +376,59 @@ impl Supervisor {
         self.inner.runs.lock().expect("runs lock is never held across a panic")
     }
 
+    /// The run has ended or never started: its slot is free.
+    fn forget_run(&self, run_id: &str) {
+        if let Some(run) = self.runs().remove(run_id) {
+            self.inner.delivery.broker().release(&run.user_id);
+        }
+    }
+
     /// Ends the runs a previous process on this node left marked `running`: each gets
     /// a persisted failure so clients that resume see how it ended.
     pub async fn close_interrupted_runs(&self) -> Result<usize, StartError> {
         let interrupted = self.inner.store.interrupted_runs(&self.inner.node_id).await.map_err(StartError::Store)?;
         for run in &interrupted {
-            let owner = match self.inner.store.thread_owner(&run.thread_id).await {
-                Ok(owner) => owner,
-                Err(StoreError::NotFound) => continue,
-                Err(e) => return Err(StartError::Store(e)),
-            };
-            let message = "the run was interrupted when the server stopped";
-            let job = ending_job(
-                &run.thread_id,
-                &run.run_id,
-                "interrupted",
-                failure_events(&run.run_id, message, "interrupted"),
-                Some(message),
-                None,
-            );
-            self.inner.delivery.commit(job, &owner).await?;
-            tracing::info!(run_id = %run.run_id, "marked run interrupted");
+            self.end_interrupted(run, "the run was interrupted when the server stopped").await?;
         }
         Ok(interrupted.len())
+    }
+
+    /// Ends the runs of nodes whose lease ran out before `expired` (Unix ms): each is
+    /// taken over first, so exactly one node ends it, whichever nodes sweep at once.
+    pub async fn close_orphaned_runs(&self, expired: i64) -> Result<usize, StartError> {
+        let store = &self.inner.store;
+        let orphans = store.orphaned_runs(&self.inner.node_id, expired).await.map_err(StartError::Store)?;
+        let mut ended = 0;
+        for orphan in &orphans {
+            let taken = store.take_over_run(&orphan.run.run_id, &orphan.node_id, &self.inner.node_id).await;
+            if !taken.map_err(StartError::Store)? {
+                continue;
+            }
+            tracing::info!(run_id = %orphan.run.run_id, node = %orphan.node_id, "ending a run of a node that is gone");
+            self.end_interrupted(&orphan.run, "the run was interrupted: the server running it stopped").await?;
+            ended += 1;
+        }
+        Ok(ended)
+    }
+
+    /// Writes the `interrupted` ending of a run no task of this process runs.
+    async fn end_interrupted(&self, run: &InterruptedRun, message: &str) -> Result<(), StartError> {
+        let owner = match self.inner.store.thread_owner(&run.thread_id).await {
+            Ok(owner) => owner,
+            Err(StoreError::NotFound) => return Ok(()),
+            Err(e) => return Err(StartError::Store(e)),
+        };
+        let job = ending_job(
+            &run.thread_id,
+            &run.run_id,
+            "interrupted",
+            failure_events(&run.run_id, message, "interrupted"),
+            Some(message),
+            None,
+        );
+        self.inner.delivery.commit(job, &owner).await?;
+        tracing::info!(run_id = %run.run_id, "marked run interrupted");
+        Ok(())
     }
 
     /// Starts a run on `text` in `thread_id` (a new thread when `None`). The user's
@@ -449,6 +479,9 @@ impl Supervisor {
                 run_id.clone(),
                 ActiveRun { user_id: user_id.to_string(), thread_id: thread_id.clone(), cancel: cancel.clone() },
             );
+            // A run's user's channel stays subscribed while it runs: a stop from another
+            // node reaches it.
+            self.inner.delivery.broker().hold(user_id);
             quiet
         };
         let message_id = format!("msg_{}", uuid::Uuid::now_v7().simple());
@@ -547,7 +580,7 @@ impl Supervisor {
         let start = match self.inner.delivery.submit_in(&run_id, Link::Next, job, &owner).await {
             Ok(start) => start,
             Err(e) => {
-                self.runs().remove(&*run_id);
+                self.forget_run(&run_id);
                 return Err(e.into());
             }
         };
@@ -581,7 +614,7 @@ impl Supervisor {
         ctx.message_seq = match self.inner.delivery.commit(job, &ctx.owner).await {
             Ok(first) => first + message_index as u64,
             Err(e) => {
-                self.runs().remove(&*ctx.run_id);
+                self.forget_run(&ctx.run_id);
                 return Err(e.into());
             }
         };
@@ -638,7 +671,7 @@ impl Supervisor {
             self.record_run(&ctx, status, reason, queue_ms, usage);
         }
         metrics::gauge!(metric::RUNS_ACTIVE).decrement(1.0);
-        self.runs().remove(&*ctx.run_id);
+        self.forget_run(&ctx.run_id);
     }
 
     /// The run's analytics row, and its error when it ended with one. The self-test's

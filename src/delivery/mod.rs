@@ -9,27 +9,37 @@
 //! and its client catches up from the store by `seq`.
 //!
 //! Who owns what: [`writer`] turns submitted jobs into commits (group commit, the per-run
-//! chain of writes) and hands committed events to [`registry`], which offers each to the
-//! owner's [`connection`]s; this module is the API producers call (submit, commit,
-//! replay) and the types they see.
+//! chain of writes) and hands committed events to [`Route`], which tells other nodes
+//! (the broker) and offers each event to the owner's [`connection`]s through
+//! [`registry`]; with several nodes, what arrives from them too, put in order by the
+//! [`gate`] (gaps filled from the store by this module's filler). This module is the API
+//! producers call (submit, commit, replay) and the types they see.
 
 mod connection;
+mod gate;
 mod registry;
 mod writer;
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 pub use connection::{CloseReason, Connection, QueueLimit};
 pub use registry::{Registry, TooManyConnections};
 
+use crate::broker::Broker;
 use crate::store::{Store, StoreError, WriteJob};
 use crate::telemetry::metric;
 use connection::Follow;
+use gate::{Admit, Arrival, Gate};
+use registry::{Wakes, fan_out};
 use writer::{Chain, Pending, Waiter};
+
+/// Events written shortly before an outage of the broker was noticed are filled too.
+const OUTAGE_MARGIN_MS: i64 = 2_000;
 
 /// What happened to one published event on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,20 +114,214 @@ impl InFlight {
 pub struct Delivery {
     writer: mpsc::Sender<Pending>,
     pub registry: Arc<Registry>,
+    route: Arc<Route>,
     store: Store,
     replay_batch: u32,
     /// Payload bytes one replay page may hold: an outbox's worth.
     replay_bytes: usize,
 }
 
+/// Where a committed event goes: to the other nodes (the broker), and to this node's
+/// connections of its owner, through the gate when other nodes deliver too.
+pub(crate) struct Route {
+    registry: Arc<Registry>,
+    pub(crate) broker: Broker,
+    gate: Option<Gate>,
+    fills: mpsc::UnboundedSender<Fill>,
+}
+
+/// A lane of the gate to fill from the store, from `from` on.
+struct Fill {
+    owner: Arc<str>,
+    thread_id: Arc<str>,
+    from: u64,
+}
+
+impl Route {
+    /// Offers one event to the owner's connections `conns` (in order, once, when other
+    /// nodes deliver too), noting in `wakes` who got it.
+    fn deliver(&self, conns: &[Arc<Connection>], arrival: Arrival, wakes: &mut Wakes) -> DeliveryOutcome {
+        let Some(gate) = &self.gate else {
+            return fan_out(conns, &arrival.kind, &arrival.thread_id, arrival.seq, &arrival.text, wakes);
+        };
+        match gate.admit(&arrival) {
+            Admit::Deliver => fan_out(conns, &arrival.kind, &arrival.thread_id, arrival.seq, &arrival.text, wakes),
+            Admit::Duplicate => DeliveryOutcome::Stored,
+            Admit::Held(fill) => {
+                if let Some(from) = fill {
+                    metrics::counter!(metric::GAP_FILLS).increment(1);
+                    let _ = self.fills.send(Fill { owner: arrival.owner, thread_id: arrival.thread_id, from });
+                }
+                DeliveryOutcome::Stored
+            }
+        }
+    }
+
+    /// Fills a thread's lane from `from`, unless a fill of it is under way.
+    fn fill(&self, owner: &str, thread_id: &str, from: u64) {
+        let Some(gate) = &self.gate else { return };
+        let thread_id: Arc<str> = Arc::from(thread_id);
+        if let Some(from) = gate.start_fill(&thread_id, from) {
+            metrics::counter!(metric::GAP_FILLS).increment(1);
+            let _ = self.fills.send(Fill { owner: Arc::from(owner), thread_id, from });
+        }
+    }
+}
+
 impl Delivery {
     /// Starts the writer task on `tracker`; it ends when every `Delivery` clone is dropped
-    /// or `stop` is cancelled after the queue drained.
-    pub fn start(store: Store, replay_batch: u32, replay_bytes: usize, tracker: &TaskTracker) -> Self {
+    /// or `stop` is cancelled after the queue drained. With a shared broker, events from
+    /// other nodes arrive too: the gate keeps each thread in order and a filler task
+    /// reads what is missing from the store.
+    pub fn start(store: Store, replay_batch: u32, replay_bytes: usize, tracker: &TaskTracker, broker: Broker) -> Self {
         let (writer, rx) = mpsc::channel::<Pending>(4096);
         let registry = Arc::new(Registry::default());
-        tracker.spawn(writer::write_loop(store.clone(), registry.clone(), rx));
-        Self { writer, registry, store, replay_batch, replay_bytes }
+        let (fills, fills_rx) = mpsc::unbounded_channel();
+        let gate = broker.is_shared().then(Gate::default);
+        let route = Arc::new(Route { registry: registry.clone(), broker, gate, fills });
+        tracker.spawn(writer::write_loop(store.clone(), route.clone(), rx));
+        let this = Self { writer, registry, route, store, replay_batch, replay_bytes };
+        if this.route.gate.is_some() {
+            tracker.spawn(this.clone().fill_loop(fills_rx));
+        }
+        this
+    }
+
+    /// The broker this node publishes on.
+    pub fn broker(&self) -> &Broker {
+        &self.route.broker
+    }
+
+    /// An event another node committed, for this node's connections of its owner.
+    pub fn remote_event(&self, owner: &str, thread_id: &str, seq: u64, kind: &str, frame: String) {
+        let conns = self.registry.connections_of(owner);
+        let arrival = Arrival {
+            owner: Arc::from(owner),
+            thread_id: Arc::from(thread_id),
+            seq,
+            kind: Arc::from(kind),
+            text: Utf8Bytes::from(frame),
+        };
+        let mut wakes = Wakes::default();
+        let outcome = self.route.deliver(&conns, arrival, &mut wakes);
+        wakes.wake_all();
+        metrics::counter!(metric::EVENTS, "outcome" => outcome.label()).increment(1);
+    }
+
+    /// Another node says events of `thread_id` up to `seq` exist, some of them never
+    /// published from `since_ms` on: whatever this node has not delivered is read from
+    /// the store.
+    pub async fn doorbell(&self, owner: &str, thread_id: &str, seq: u64, since_ms: i64) {
+        let Some(gate) = &self.route.gate else { return };
+        match gate.next_of(thread_id) {
+            Some(next) if next > seq => {}
+            Some(next) => self.route.fill(owner, thread_id, next),
+            None => self.fill_since(owner, thread_id, since_ms).await,
+        }
+    }
+
+    /// After an outage of the broker that began at `began_ms`: every thread of this
+    /// node's users written since gets whatever this node did not deliver, from the store.
+    pub async fn refill_since(&self, began_ms: i64) {
+        let since = began_ms - OUTAGE_MARGIN_MS;
+        for owner in self.registry.user_ids() {
+            let threads = match self.store.threads_written_since(&owner, since).await {
+                Ok(threads) => threads,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the threads written while Redis was away");
+                    continue;
+                }
+            };
+            for (thread_id, last_seq) in threads {
+                match self.route.gate.as_ref().and_then(|g| g.next_of(&thread_id)) {
+                    Some(next) if next > last_seq => {}
+                    Some(next) => self.route.fill(&owner, &thread_id, next),
+                    None => self.fill_since(&owner, &thread_id, since).await,
+                }
+            }
+        }
+    }
+
+    /// Fills a thread this node has no lane for with its events written since `since_ms`.
+    async fn fill_since(&self, owner: &str, thread_id: &str, since_ms: i64) {
+        match self.store.first_seq_since(thread_id, since_ms).await {
+            Ok(Some(first)) => self.route.fill(owner, thread_id, first),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read what a thread missed"),
+        }
+    }
+
+    /// Reads what the gate's lanes miss from the store, one fill at a time, and forgets
+    /// idle lanes now and then.
+    async fn fill_loop(self, mut fills: mpsc::UnboundedReceiver<Fill>) {
+        let Some(gate) = &self.route.gate else { return };
+        let mut sweep = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            let fill = tokio::select! {
+                fill = fills.recv() => match fill { Some(fill) => fill, None => return },
+                _ = sweep.tick() => {
+                    gate.sweep();
+                    continue;
+                }
+            };
+            let mut from = fill.from;
+            loop {
+                if let Err(e) = self.fill_from(&fill, from).await {
+                    tracing::warn!(error = %e, thread_id = %fill.thread_id, "a gap could not be filled from the store");
+                    let held = gate.give_up(&fill.thread_id);
+                    self.deliver_all(&fill.owner, held);
+                    break;
+                }
+                let (ready, again) = gate.filled(&fill.thread_id);
+                self.deliver_all(&fill.owner, ready);
+                match again {
+                    // The store had nothing past `from` yet a later event is held: the
+                    // held ones go as they are rather than wait forever.
+                    Some(next) if next == from => {
+                        let held = gate.give_up(&fill.thread_id);
+                        self.deliver_all(&fill.owner, held);
+                        break;
+                    }
+                    Some(next) => from = next,
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Delivers a lane's events from `from` on, read from the store page by page.
+    async fn fill_from(&self, fill: &Fill, from: u64) -> Result<(), StoreError> {
+        let Some(gate) = &self.route.gate else { return Ok(()) };
+        let mut last = from.saturating_sub(1);
+        loop {
+            let page = self.store.events_after(&fill.thread_id, last, self.replay_batch, self.replay_bytes).await?;
+            if page.is_empty() {
+                return Ok(());
+            }
+            let conns = self.registry.connections_of(&fill.owner);
+            let mut wakes = Wakes::default();
+            for frame in &page {
+                if gate.fill_step(&fill.thread_id, frame.seq) {
+                    let text = Utf8Bytes::from(frame.to_text());
+                    fan_out(&conns, &frame.kind, &fill.thread_id, frame.seq, &text, &mut wakes);
+                    metrics::counter!(metric::EVENTS, "outcome" => "filled").increment(1);
+                }
+                last = frame.seq;
+            }
+            wakes.wake_all();
+        }
+    }
+
+    fn deliver_all(&self, owner: &str, arrivals: Vec<Arrival>) {
+        if arrivals.is_empty() {
+            return;
+        }
+        let conns = self.registry.connections_of(owner);
+        let mut wakes = Wakes::default();
+        for a in arrivals {
+            fan_out(&conns, &a.kind, &a.thread_id, a.seq, &a.text, &mut wakes);
+        }
+        wakes.wake_all();
     }
 
     /// Commits a job (rows and events of one thread, atomically), publishes its events,

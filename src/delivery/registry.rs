@@ -77,6 +77,11 @@ impl Registry {
         self.users().values().map(Vec::len).sum()
     }
 
+    /// The users with a connection here.
+    pub fn user_ids(&self) -> Vec<String> {
+        self.users().keys().map(|u| u.to_string()).collect()
+    }
+
     /// The open connections of `owner`, cloned out so no registry lock is held while
     /// offering to them.
     pub(super) fn connections_of(&self, owner: &str) -> Vec<Arc<Connection>> {

@@ -10,8 +10,9 @@ use std::time::Instant;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use super::gate::Arrival;
 use super::registry::{Wakes, fan_out};
-use super::{DeliveryError, DeliveryOutcome, Link, Registry};
+use super::{DeliveryError, DeliveryOutcome, Link, Route};
 use crate::store::{Store, StoreError, WriteJob};
 use crate::telemetry::metric;
 
@@ -37,7 +38,7 @@ pub(super) struct Waiter {
 /// Most jobs written in one transaction.
 const MAX_BATCH: usize = 256;
 
-pub(super) async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mpsc::Receiver<Pending>) {
+pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Receiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     // Runs whose chain of writes is broken, until their last write comes by.
     let mut broken: HashSet<Arc<str>> = HashSet::new();
@@ -69,7 +70,7 @@ pub(super) async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mp
             Ok(firsts) => {
                 let mut wakes = Wakes::default();
                 for ((job, (waiter, _)), first) in jobs.iter().zip(waiters).zip(firsts) {
-                    publish(&registry, job, waiter, first, &mut wakes);
+                    publish(&route, job, waiter, first, &mut wakes);
                 }
                 wakes.wake_all();
             }
@@ -98,7 +99,7 @@ pub(super) async fn write_loop(store: Store, registry: Arc<Registry>, mut rx: mp
                     match store.write_batch(&single).await {
                         Ok(firsts) => {
                             let mut wakes = Wakes::default();
-                            publish(&registry, job, waiter, firsts[0], &mut wakes);
+                            publish(&route, job, waiter, firsts[0], &mut wakes);
                             wakes.wake_all();
                         }
                         Err(e) => {
@@ -144,15 +145,27 @@ fn break_chain(broken: &mut HashSet<Arc<str>>, chain: Option<&Chain>) {
     }
 }
 
-/// Hands a committed job's events, numbered from `first`, to the owner's connections:
-/// each is serialized once, for all of them. The connections are woken by the caller,
-/// once it has published everything committed together.
-fn publish(registry: &Registry, job: &WriteJob, waiter: Waiter, first: u64, wakes: &mut Wakes) {
-    let conns = registry.connections_of(&waiter.owner);
+/// Hands a committed job's events, numbered from `first`, to the other nodes and the
+/// owner's connections here: each is serialized once, for all of them. The connections
+/// are woken by the caller, once it has published everything committed together.
+fn publish(route: &Route, job: &WriteJob, waiter: Waiter, first: u64, wakes: &mut Wakes) {
+    let conns = route.registry.connections_of(&waiter.owner);
+    // Only with other nodes does an event need a name of its own beyond this call.
+    let shared =
+        route.broker.is_shared().then(|| (Arc::from(waiter.owner.as_str()), Arc::from(job.thread_id.as_str())));
     for (i, event) in job.events.iter().enumerate() {
         let seq = first + i as u64;
         let text = Utf8Bytes::from(event.frame_text(&job.thread_id, seq));
-        let outcome = fan_out(&conns, event.kind.as_str(), &job.thread_id, seq, &text, wakes);
+        let kind = event.kind.as_str();
+        let outcome = match &shared {
+            None => fan_out(&conns, kind, &job.thread_id, seq, &text, wakes),
+            Some((owner, thread_id)) => {
+                route.broker.publish_event(owner, thread_id, seq, kind, text.as_str());
+                let arrival =
+                    Arrival { owner: owner.clone(), thread_id: thread_id.clone(), seq, kind: Arc::from(kind), text };
+                route.deliver(&conns, arrival, wakes)
+            }
+        };
         metrics::counter!(metric::EVENTS, "outcome" => outcome.label()).increment(1);
         if let DeliveryOutcome::Dropped(_) = outcome {
             metrics::counter!(metric::EVENTS_DROPPED, "reason" => "queue_full").increment(1);

@@ -81,6 +81,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("migrations/0002_run_usage.sql")),
     (3, include_str!("migrations/0003_threads_by_owner.sql")),
     (4, include_str!("migrations/0004_running_runs.sql")),
+    (5, include_str!("migrations/0005_nodes.sql")),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,10 +170,17 @@ pub struct Message {
 }
 
 /// A run that was still marked running when its node stopped.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterruptedRun {
     pub run_id: String,
     pub thread_id: String,
+}
+
+/// A run left `running` by a node whose lease ran out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanedRun {
+    pub run: InterruptedRun,
+    pub node_id: String,
 }
 
 /// An event to persist; it gets its `seq` in the writing transaction.
@@ -706,6 +714,90 @@ impl Store {
         rows.iter()
             .map(|r| Ok(InterruptedRun { run_id: r.try_get("id")?, thread_id: r.try_get("thread_id")? }))
             .collect()
+    }
+
+    /// The owner's threads written since `since_ms` (Unix ms), with their last `seq`.
+    pub async fn threads_written_since(&self, owner: &str, since_ms: i64) -> Result<Vec<(String, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, last_seq FROM threads WHERE owner_id = $1 AND updated_at >= $2 AND deleted_at IS NULL",
+        )
+        .bind(owner)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id, seq)| (id, u64::try_from(seq).unwrap_or(0))).collect())
+    }
+
+    /// The first `seq` of the thread's events written at or after `since_ms` (Unix ms).
+    pub async fn first_seq_since(&self, thread_id: &str, since_ms: i64) -> Result<Option<u64>> {
+        let since = crate::protocol::format_rfc3339(
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(since_ms) * 1_000_000)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+        );
+        let first: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(seq) FROM events WHERE thread_id = $1 AND created_at >= $2")
+                .bind(thread_id)
+                .bind(since)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(first.and_then(|s| u64::try_from(s).ok()))
+    }
+
+    /// Renews `node`'s lease: it is alive at `now` (Unix ms).
+    pub async fn renew_lease(&self, node: &str, now: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO nodes (id, started_at, heartbeat_at) VALUES ($1, $2, $2) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = $2",
+        )
+        .bind(node)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Gives `node`'s lease up: it stopped with no run left.
+    pub async fn release_lease(&self, node: &str) -> Result<()> {
+        sqlx::query("DELETE FROM nodes WHERE id = $1").bind(node).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Runs still `running` on a node other than `me` whose lease was last renewed before
+    /// `expired` (Unix ms), or that has none.
+    pub async fn orphaned_runs(&self, me: &str, expired: i64) -> Result<Vec<OrphanedRun>> {
+        let rows = sqlx::query(
+            "SELECT r.id, r.thread_id, r.node_id FROM runs r WHERE r.status = 'running' AND r.node_id <> $1 \
+             AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = r.node_id AND n.heartbeat_at >= $2)",
+        )
+        .bind(me)
+        .bind(expired)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OrphanedRun {
+                    run: InterruptedRun { run_id: r.try_get("id")?, thread_id: r.try_get("thread_id")? },
+                    node_id: r.try_get("node_id")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes a running run over from node `from` for node `to`: true for exactly one of
+    /// the nodes that try, false when another did or the run ended.
+    pub async fn take_over_run(&self, run_id: &str, from: &str, to: &str) -> Result<bool> {
+        let done = sqlx::query("UPDATE runs SET node_id = $3 WHERE id = $1 AND node_id = $2 AND status = 'running'")
+            .bind(run_id)
+            .bind(from)
+            .bind(to)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Whether several nodes may share this database (PostgreSQL), so leases matter.
+    pub fn is_shared(&self) -> bool {
+        self.backend == Backend::Postgres
     }
 
     /// The status a run ended with, if any.
