@@ -236,7 +236,7 @@ async fn sigterm_of_a_tabs_node_mid_run_resumes_it_on_another_node_with_no_gap()
 
 #[tokio::test]
 async fn sigkill_of_the_node_running_a_run_ends_it_interrupted_within_the_lease() {
-    let mut cluster = Cluster::start("400ms").await;
+    let cluster = Cluster::start("400ms").await;
     let user = unique("kai");
     let (mut tab1, a, mut tab2, _) = two_tabs_on_two_nodes(&cluster, &user).await;
     // The run is on tab 1's node, which is killed.
