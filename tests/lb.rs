@@ -101,7 +101,6 @@ struct Cluster {
     nodes: Vec<Server>,
     nginx: Nginx,
     _redis: Redis,
-    secret: String,
 }
 
 impl Cluster {
@@ -123,7 +122,7 @@ impl Cluster {
         }
         let ports: Vec<u16> = nodes.iter().map(|n| n.addr.port()).collect();
         let nginx = Nginx::start(&ports).await;
-        Self { nodes, nginx, _redis: redis, secret }
+        Self { nodes, nginx, _redis: redis }
     }
 
     /// A tab of `user` through nginx.
