@@ -256,9 +256,6 @@ impl Connection {
     /// it with [`Connection::wake`] after its last offer, so that a commit's frames to one
     /// connection go out in one write.
     pub(super) fn offer(&self, kind: &str, seq: u64, thread_id: &str, text: &Utf8Bytes) -> Offer {
-        if !self.wants(kind) {
-            return Offer::Skipped;
-        }
         {
             let mut follows = self.follows();
             match follows.get_mut(thread_id) {
@@ -269,8 +266,15 @@ impl Connection {
                     return Offer::Skipped;
                 }
                 Some(Follow::Live { last_seq }) if seq <= *last_seq => return Offer::Skipped,
+                // Events this socket has not seen came before this one (they reached this
+                // node before it heard of them): it catches up from the store instead.
+                Some(Follow::Live { last_seq }) if seq > *last_seq + 1 => return Offer::Gap(*last_seq),
                 Some(Follow::Live { last_seq }) => *last_seq = seq,
             }
+        }
+        // Counted as seen above even when not wanted: the next one is no gap.
+        if !self.wants(kind) {
+            return Offer::Skipped;
         }
         let pushed = self.push_quietly(&mut self.outbox(), text);
         match pushed {
@@ -288,4 +292,37 @@ pub(super) enum Offer {
     Queued,
     Skipped,
     Full,
+    /// Not queued: the socket follows the thread by `seq` and missed the events after
+    /// this one; it must replay from the store.
+    Gap(u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn following(web_client: bool, last_seq: u64) -> Arc<Connection> {
+        let conn = Connection::new("c".into(), Arc::from("u"), QueueLimit { frames: 16, bytes: 1 << 20 }, web_client);
+        conn.follows().insert("t".into(), Follow::Live { last_seq });
+        conn
+    }
+
+    #[test]
+    fn a_socket_following_by_seq_reports_a_gap_instead_of_taking_the_event() {
+        let conn = following(false, 5);
+        let text = Utf8Bytes::from_static("{}");
+        assert!(matches!(conn.offer("partial_result", 7, "t", &text), Offer::Gap(5)));
+        assert!(matches!(conn.offer("partial_result", 6, "t", &text), Offer::Queued));
+        assert!(matches!(conn.offer("partial_result", 7, "t", &text), Offer::Queued));
+        assert!(matches!(conn.offer("partial_result", 7, "t", &text), Offer::Skipped), "a duplicate");
+        assert!(matches!(conn.offer("partial_result", 1, "other", &text), Offer::Queued), "not followed by seq");
+    }
+
+    #[test]
+    fn an_event_a_socket_does_not_want_still_counts_as_seen() {
+        let conn = following(true, 5);
+        let text = Utf8Bytes::from_static("{}");
+        assert!(matches!(conn.offer("user_message", 6, "t", &text), Offer::Skipped), "the web client skips its echo");
+        assert!(matches!(conn.offer("agent_started", 7, "t", &text), Offer::Queued), "no gap after it");
+    }
 }

@@ -130,11 +130,12 @@ pub(crate) struct Route {
     fills: mpsc::UnboundedSender<Fill>,
 }
 
-/// A lane of the gate to fill from the store, from `from` on.
-struct Fill {
-    owner: Arc<str>,
-    thread_id: Arc<str>,
-    from: u64,
+/// What to read from the store for what arrived out of turn.
+enum Fill {
+    /// A lane of the gate, from `from` on.
+    Lane { owner: Arc<str>, thread_id: Arc<str>, from: u64 },
+    /// A socket that follows a thread by `seq` and missed what came after `after_seq`.
+    Replay { conn: Arc<Connection>, thread_id: Arc<str>, after_seq: u64 },
 }
 
 impl Route {
@@ -150,7 +151,7 @@ impl Route {
             Admit::Held(fill) => {
                 if let Some(from) = fill {
                     metrics::counter!(metric::GAP_FILLS).increment(1);
-                    let _ = self.fills.send(Fill { owner: arrival.owner, thread_id: arrival.thread_id, from });
+                    let _ = self.fills.send(Fill::Lane { owner: arrival.owner, thread_id: arrival.thread_id, from });
                 }
                 DeliveryOutcome::Stored
             }
@@ -163,8 +164,18 @@ impl Route {
         let thread_id: Arc<str> = Arc::from(thread_id);
         if let Some(from) = gate.start_fill(&thread_id, from) {
             metrics::counter!(metric::GAP_FILLS).increment(1);
-            let _ = self.fills.send(Fill { owner: Arc::from(owner), thread_id, from });
+            let _ = self.fills.send(Fill::Lane { owner: Arc::from(owner), thread_id, from });
         }
+    }
+
+    /// Wakes the sockets offered frames, and sends those that found a gap to catch up
+    /// from the store.
+    fn settle(&self, mut wakes: Wakes) {
+        for (conn, thread_id, after_seq) in std::mem::take(&mut wakes.gaps) {
+            metrics::counter!(metric::GAP_FILLS).increment(1);
+            let _ = self.fills.send(Fill::Replay { conn, thread_id, after_seq });
+        }
+        wakes.wake_all();
     }
 }
 
@@ -181,9 +192,7 @@ impl Delivery {
         let route = Arc::new(Route { registry: registry.clone(), broker, gate, fills });
         tracker.spawn(writer::write_loop(store.clone(), route.clone(), rx));
         let this = Self { writer, registry, route, store, replay_batch, replay_bytes };
-        if this.route.gate.is_some() {
-            tracker.spawn(this.clone().fill_loop(fills_rx));
-        }
+        tracker.spawn(this.clone().fill_loop(fills_rx));
         this
     }
 
@@ -204,7 +213,7 @@ impl Delivery {
         };
         let mut wakes = Wakes::default();
         let outcome = self.route.deliver(&conns, arrival, &mut wakes);
-        wakes.wake_all();
+        self.route.settle(wakes);
         metrics::counter!(metric::EVENTS, "outcome" => outcome.label()).increment(1);
     }
 
@@ -254,61 +263,75 @@ impl Delivery {
     /// Reads what the gate's lanes miss from the store, one fill at a time, and forgets
     /// idle lanes now and then.
     async fn fill_loop(self, mut fills: mpsc::UnboundedReceiver<Fill>) {
-        let Some(gate) = &self.route.gate else { return };
         let mut sweep = tokio::time::interval(std::time::Duration::from_secs(60));
         loop {
             let fill = tokio::select! {
                 fill = fills.recv() => match fill { Some(fill) => fill, None => return },
                 _ = sweep.tick() => {
-                    gate.sweep();
+                    if let Some(gate) = &self.route.gate {
+                        gate.sweep();
+                    }
                     continue;
                 }
             };
-            let mut from = fill.from;
-            loop {
-                if let Err(e) = self.fill_from(&fill, from).await {
-                    tracing::warn!(error = %e, thread_id = %fill.thread_id, "a gap could not be filled from the store");
-                    let held = gate.give_up(&fill.thread_id);
-                    self.deliver_all(&fill.owner, held);
-                    break;
-                }
-                let (ready, again) = gate.filled(&fill.thread_id);
-                self.deliver_all(&fill.owner, ready);
-                match again {
-                    // The store had nothing past `from` yet a later event is held: the
-                    // held ones go as they are rather than wait forever.
-                    Some(next) if next == from => {
-                        let held = gate.give_up(&fill.thread_id);
-                        self.deliver_all(&fill.owner, held);
-                        break;
+            match fill {
+                Fill::Lane { owner, thread_id, from } => self.fill_lane(&owner, &thread_id, from).await,
+                Fill::Replay { conn, thread_id, after_seq } => {
+                    if let Err(e) = self.replay(&conn, &thread_id, after_seq).await {
+                        tracing::warn!(error = %e, "a socket could not catch up from the store");
+                        conn.close(CloseReason { code: 1011, reason: "could not catch up; resume by seq" });
                     }
-                    Some(next) => from = next,
-                    None => break,
                 }
             }
         }
     }
 
+    /// Delivers what a lane of the gate misses, from `from` on, then what it held.
+    async fn fill_lane(&self, owner: &Arc<str>, thread_id: &Arc<str>, mut from: u64) {
+        let Some(gate) = &self.route.gate else { return };
+        loop {
+            if let Err(e) = self.fill_from(owner, thread_id, from).await {
+                tracing::warn!(error = %e, thread_id = %thread_id, "a gap could not be filled from the store");
+                let held = gate.give_up(thread_id);
+                self.deliver_all(owner, held);
+                return;
+            }
+            let (ready, again) = gate.filled(thread_id);
+            self.deliver_all(owner, ready);
+            match again {
+                // The store had nothing past `from` yet a later event is held: the held
+                // ones go as they are rather than wait forever.
+                Some(next) if next == from => {
+                    let held = gate.give_up(thread_id);
+                    self.deliver_all(owner, held);
+                    return;
+                }
+                Some(next) => from = next,
+                None => return,
+            }
+        }
+    }
+
     /// Delivers a lane's events from `from` on, read from the store page by page.
-    async fn fill_from(&self, fill: &Fill, from: u64) -> Result<(), StoreError> {
+    async fn fill_from(&self, owner: &str, thread_id: &str, from: u64) -> Result<(), StoreError> {
         let Some(gate) = &self.route.gate else { return Ok(()) };
         let mut last = from.saturating_sub(1);
         loop {
-            let page = self.store.events_after(&fill.thread_id, last, self.replay_batch, self.replay_bytes).await?;
+            let page = self.store.events_after(thread_id, last, self.replay_batch, self.replay_bytes).await?;
             if page.is_empty() {
                 return Ok(());
             }
-            let conns = self.registry.connections_of(&fill.owner);
+            let conns = self.registry.connections_of(owner);
             let mut wakes = Wakes::default();
             for frame in &page {
-                if gate.fill_step(&fill.thread_id, frame.seq) {
+                if gate.fill_step(thread_id, frame.seq) {
                     let text = Utf8Bytes::from(frame.to_text());
-                    fan_out(&conns, &frame.kind, &fill.thread_id, frame.seq, &text, &mut wakes);
+                    fan_out(&conns, &frame.kind, thread_id, frame.seq, &text, &mut wakes);
                     metrics::counter!(metric::EVENTS, "outcome" => "filled").increment(1);
                 }
                 last = frame.seq;
             }
-            wakes.wake_all();
+            self.route.settle(wakes);
         }
     }
 
@@ -321,7 +344,7 @@ impl Delivery {
         for a in arrivals {
             fan_out(&conns, &a.kind, &a.thread_id, a.seq, &a.text, &mut wakes);
         }
-        wakes.wake_all();
+        self.route.settle(wakes);
     }
 
     /// Commits a job (rows and events of one thread, atomically), publishes its events,

@@ -90,21 +90,32 @@ impl Registry {
 }
 
 /// Connections that were offered frames during one publish, woken together at its end:
-/// each socket task then writes everything a commit had for it at once.
+/// each socket task then writes everything a commit had for it at once. Also the sockets
+/// that found a gap in a thread they follow by `seq`, to catch up from the store.
 #[derive(Default)]
-pub(super) struct Wakes(Vec<Arc<Connection>>);
+pub(super) struct Wakes {
+    conns: Vec<Arc<Connection>>,
+    pub(super) gaps: Vec<(Arc<Connection>, Arc<str>, u64)>,
+}
 
 impl Wakes {
     pub(super) fn add(&mut self, conn: &Arc<Connection>) {
-        if !self.0.last().is_some_and(|last| Arc::ptr_eq(last, conn)) {
-            self.0.push(conn.clone());
+        if !self.conns.last().is_some_and(|last| Arc::ptr_eq(last, conn)) {
+            self.conns.push(conn.clone());
+        }
+    }
+
+    fn gap(&mut self, conn: &Arc<Connection>, thread_id: &str, after_seq: u64) {
+        let known = self.gaps.iter().any(|(c, t, _)| Arc::ptr_eq(c, conn) && &**t == thread_id);
+        if !known {
+            self.gaps.push((conn.clone(), Arc::from(thread_id), after_seq));
         }
     }
 
     pub(super) fn wake_all(mut self) {
-        self.0.sort_unstable_by_key(Arc::as_ptr);
-        self.0.dedup_by(|a, b| Arc::ptr_eq(a, b));
-        for conn in self.0 {
+        self.conns.sort_unstable_by_key(Arc::as_ptr);
+        self.conns.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        for conn in self.conns {
             conn.wake();
         }
     }
@@ -128,6 +139,7 @@ pub(super) fn fan_out(
             }
             Offer::Skipped => {}
             Offer::Full => full = true,
+            Offer::Gap(after_seq) => wakes.gap(conn, thread_id, after_seq),
         }
     }
     if full {

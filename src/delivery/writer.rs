@@ -72,7 +72,7 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
                 for ((job, (waiter, _)), first) in jobs.iter().zip(waiters).zip(firsts) {
                     publish(&route, job, waiter, first, &mut wakes);
                 }
-                wakes.wake_all();
+                route.settle(wakes);
             }
             Err(e) if jobs.len() == 1 => {
                 tracing::warn!(error = %e, "event write failed");
@@ -100,7 +100,7 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
                         Ok(firsts) => {
                             let mut wakes = Wakes::default();
                             publish(&route, job, waiter, firsts[0], &mut wakes);
-                            wakes.wake_all();
+                            route.settle(wakes);
                         }
                         Err(e) => {
                             break_chain(&mut broken, chain.as_ref());
