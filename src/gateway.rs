@@ -503,14 +503,13 @@ async fn reply_error(app: &App, conn: &Connection, error: ProtocolError) {
 
 /// Checks that `thread_id` is a live thread of the connection's user.
 async fn owned(app: &App, conn: &Connection, thread_id: &str) -> Result<(), ProtocolError> {
-    let owner = app.store.thread_owner(thread_id).await.map_err(lookup_failed)?;
-    if *owner == *conn.user_id { Ok(()) } else { Err(thread_not_found()) }
+    app.store.check_owner(&conn.user_id, thread_id).await.map_err(lookup_failed)
 }
 
 /// Like [`owned`], and the thread's last committed `seq`.
 async fn owned_last_seq(app: &App, conn: &Connection, thread_id: &str) -> Result<u64, ProtocolError> {
-    let thread = app.store.thread(thread_id).await.map_err(lookup_failed)?;
-    if *thread.owner_id == *conn.user_id { Ok(thread.last_seq.max(0) as u64) } else { Err(thread_not_found()) }
+    let thread = app.store.owned_thread(&conn.user_id, thread_id).await.map_err(lookup_failed)?;
+    Ok(thread.last_seq.max(0) as u64)
 }
 
 /// A foreign thread and a missing one look the same to the client.
@@ -519,7 +518,7 @@ fn thread_not_found() -> ProtocolError {
 }
 
 fn lookup_failed(e: StoreError) -> ProtocolError {
-    if matches!(e, StoreError::NotFound) {
+    if matches!(e, StoreError::NotFound | StoreError::NotOwner) {
         return thread_not_found();
     }
     tracing::warn!(error = %e, "thread lookup failed");

@@ -458,9 +458,9 @@ impl Supervisor {
         let cancel = CancellationToken::new();
         let (thread_id, create) = match thread_id {
             Some(id) => {
-                match self.inner.store.thread_owner(id).await {
-                    Ok(owner) if owner == user_id => {}
-                    Ok(_) | Err(StoreError::NotFound) => return Err(StartError::Forbidden),
+                match self.inner.store.check_owner(user_id, id).await {
+                    Ok(()) => {}
+                    Err(StoreError::NotFound | StoreError::NotOwner) => return Err(StartError::Forbidden),
                     Err(e) => return Err(StartError::Store(e)),
                 }
                 (id.to_string(), false)

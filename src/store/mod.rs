@@ -46,6 +46,10 @@ pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 pub enum StoreError {
     #[error("not found")]
     NotFound,
+    /// The thread is another user's. Each way in decides what its client hears: REST says
+    /// 403, the socket says what it says of a missing thread (nothing leaks).
+    #[error("the thread is another user's")]
+    NotOwner,
     #[error("database unavailable: {0}")]
     Unavailable(#[source] Cause),
     #[error("database rejected the operation: {0}")]
@@ -423,7 +427,20 @@ impl Store {
         thread_from_row(&row)
     }
 
-    /// The owner of a live thread: the cheap check every send and subscribe makes.
+    /// Checks that `user` owns the live thread `thread_id`, from the owner cache when it
+    /// can: the one ownership check every way in (socket, REST, agent) makes. `NotOwner`
+    /// for another user's thread, `NotFound` for a missing or deleted one.
+    pub async fn check_owner(&self, user: &str, thread_id: &str) -> Result<()> {
+        if self.thread_owner(thread_id).await? == user { Ok(()) } else { Err(StoreError::NotOwner) }
+    }
+
+    /// The live thread `thread_id` if `user` owns it; errors as [`Store::check_owner`].
+    pub async fn owned_thread(&self, user: &str, thread_id: &str) -> Result<Thread> {
+        let thread = self.thread(thread_id).await?;
+        if thread.owner_id == user { Ok(thread) } else { Err(StoreError::NotOwner) }
+    }
+
+    /// The owner of a live thread (cached): what [`Store::check_owner`] compares.
     #[instrument(skip_all, fields(thread_id))]
     pub async fn thread_owner(&self, thread_id: &str) -> Result<String> {
         if let Some(owner) = self.owners.get(thread_id) {

@@ -73,6 +73,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => Self::new(StatusCode::NOT_FOUND, "not found"),
+            StoreError::NotOwner => Self::new(StatusCode::FORBIDDEN, "not your thread"),
             StoreError::TooLarge(detail) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, detail),
             other => {
                 tracing::warn!(error = %other, "store error in a request");

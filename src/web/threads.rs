@@ -57,11 +57,7 @@ impl Page {
 }
 
 async fn owned_thread(app: &App, user: &User, id: &str) -> Result<Thread, ApiError> {
-    let thread = app.store.thread(id).await?;
-    if thread.owner_id != user.id {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "not your thread"));
-    }
-    Ok(thread)
+    Ok(app.store.owned_thread(&user.id, id).await?)
 }
 
 /// The caller's threads, most recently updated first.
