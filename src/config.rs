@@ -462,8 +462,9 @@ impl fmt::Debug for Redis {
     }
 }
 
-/// Where analytics rows go, and how they wait: ClickHouse's HTTP interface.
-#[derive(Clone, PartialEq, Eq)]
+/// Where analytics rows go, and how they wait: ClickHouse's HTTP interface. The URL holds
+/// no credentials (refused) and the password is a [`Secret`]: `Debug` shows neither.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClickHouse {
     /// Without a trailing `/` and without credentials, e.g. `http://127.0.0.1:8123`.
     pub url: String,
@@ -482,23 +483,6 @@ pub struct ClickHouse {
     /// Where batches wait while the server is away, and how many bytes of them.
     pub spool_dir: PathBuf,
     pub spool_bytes: u64,
-}
-
-impl fmt::Debug for ClickHouse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClickHouse")
-            .field("url", &self.url)
-            .field("user", &self.user)
-            .field("password", &self.password)
-            .field("database", &self.database)
-            .field("required", &self.required)
-            .field("queue", &self.queue)
-            .field("batch", &self.batch)
-            .field("interval", &self.interval)
-            .field("spool_dir", &self.spool_dir)
-            .field("spool_bytes", &self.spool_bytes)
-            .finish()
-    }
 }
 
 /// The whole validated configuration. Built once, then shared read-only.

@@ -69,9 +69,7 @@ impl Analytics {
             }
         }
     }
-}
 
-impl Analytics {
     /// Records an error told to a client: `place` is `socket` or `run`.
     pub fn record_error(&self, user_id: &str, code: &str, place: &'static str, thread_id: &str, run_id: &str) {
         if !self.is_on() {

@@ -221,12 +221,7 @@ impl Delivery {
     /// published from `since_ms` on: whatever this node has not delivered is read from
     /// the store.
     pub async fn doorbell(&self, owner: &str, thread_id: &str, seq: u64, since_ms: i64) {
-        let Some(gate) = &self.route.gate else { return };
-        match gate.next_of(thread_id) {
-            Some(next) if next > seq => {}
-            Some(next) => self.route.fill(owner, thread_id, next),
-            None => self.fill_since(owner, thread_id, since_ms).await,
-        }
+        self.catch_up(owner, thread_id, seq, since_ms).await;
     }
 
     /// After an outage of the broker that began at `began_ms`: every thread of this
@@ -242,22 +237,28 @@ impl Delivery {
                 }
             };
             for (thread_id, last_seq) in threads {
-                match self.route.gate.as_ref().and_then(|g| g.next_of(&thread_id)) {
-                    Some(next) if next > last_seq => {}
-                    Some(next) => self.route.fill(&owner, &thread_id, next),
-                    None => self.fill_since(&owner, &thread_id, since).await,
-                }
+                self.catch_up(&owner, &thread_id, last_seq, since).await;
             }
         }
     }
 
-    /// Fills a thread this node has no lane for with its events written since `since_ms`.
-    async fn fill_since(&self, owner: &str, thread_id: &str, since_ms: i64) {
-        match self.store.first_seq_since(thread_id, since_ms).await {
-            Ok(Some(first)) => self.route.fill(owner, thread_id, first),
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot read what a thread missed"),
-        }
+    /// Makes sure this node delivers `thread_id`'s events up to `upto`: from where its
+    /// lane is, or for a thread it has no lane for, those written since `since_ms`.
+    async fn catch_up(&self, owner: &str, thread_id: &str, upto: u64, since_ms: i64) {
+        let Some(gate) = &self.route.gate else { return };
+        let from = match gate.next_of(thread_id) {
+            Some(next) if next > upto => return,
+            Some(next) => next,
+            None => match self.store.first_seq_since(thread_id, since_ms).await {
+                Ok(Some(first)) => first,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read what a thread missed");
+                    return;
+                }
+            },
+        };
+        self.route.fill(owner, thread_id, from);
     }
 
     /// Reads what the gate's lanes miss from the store, one fill at a time, and forgets
