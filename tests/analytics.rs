@@ -15,6 +15,9 @@ use common::{Server, Spawn, WAIT, unique};
 use netra::auth::{TokenKind, User};
 use serde_json::{Value, json};
 
+/// Longest a row, a spool drain or a health change may take to show.
+const WITHIN: Duration = Duration::from_secs(30);
+
 /// A ClickHouse server of the test's own, in a temporary directory.
 struct ClickHouse {
     dir: tempfile::TempDir,
@@ -100,18 +103,6 @@ fn with_analytics(spawn: Spawn, ch: &ClickHouse, database: &str) -> Spawn {
         .env("NETRA_AGENT_TOKEN_DELAY", "0")
 }
 
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn health(server: &Server) -> Value {
     reqwest::get(server.http("/health")).await.expect("health").json().await.expect("json")
 }
@@ -162,7 +153,7 @@ async fn rows_arrive_with_their_values_and_stats_answer_from_them() {
     drop(client);
 
     let runs = format!("SELECT * FROM {db}.runs WHERE user_id = '{user}'");
-    eventually("the run's row", || async { !ch.rows(&runs).await.is_empty() }).await;
+    common::eventually("the run's row", WITHIN, || async { !ch.rows(&runs).await.is_empty() }).await;
     let run = &ch.rows(&runs).await[0];
     assert_eq!(run["run_id"], run_id.as_str());
     assert_eq!(run["thread_id"], thread_id.as_str());
@@ -176,7 +167,7 @@ async fn rows_arrive_with_their_values_and_stats_answer_from_them() {
     assert!(run["total_ms"].as_u64().expect("total") >= run["first_token_ms"].as_u64().expect("first"));
 
     let sessions = format!("SELECT * FROM {db}.sessions WHERE user_id = '{user}'");
-    eventually("the session's row", || async { !ch.rows(&sessions).await.is_empty() }).await;
+    common::eventually("the session's row", WITHIN, || async { !ch.rows(&sessions).await.is_empty() }).await;
     let session = &ch.rows(&sessions).await[0];
     assert_eq!(session["close_code"], 1005, "a close frame without a code: {session}");
     assert_eq!(session["client"], "netra");
@@ -185,7 +176,7 @@ async fn rows_arrive_with_their_values_and_stats_answer_from_them() {
     assert_eq!(frames_out, frames.len() as u64 + 2, "the hello, the run and the error: {session}");
 
     let errors = format!("SELECT * FROM {db}.errors WHERE user_id = '{user}'");
-    eventually("the error's row", || async { !ch.rows(&errors).await.is_empty() }).await;
+    common::eventually("the error's row", WITHIN, || async { !ch.rows(&errors).await.is_empty() }).await;
     let error = &ch.rows(&errors).await[0];
     assert_eq!(error["code"], "invalid_json");
     assert_eq!(error["where"], "socket");
@@ -228,24 +219,28 @@ async fn clickhouse_stopped_mid_traffic_spools_then_every_row_arrives_once() {
     let user = unique("bob");
     let (mut all, before) = chats(&server, &user, 5).await;
     let counted = format!("SELECT count() AS n FROM {db}.runs WHERE user_id = '{user}'");
-    eventually("the first runs' rows", || async { ch.count(&counted).await == 5 }).await;
+    common::eventually("the first runs' rows", WITHIN, || async { ch.count(&counted).await == 5 }).await;
 
     ch.stop().await;
     let (during, slowest) = chats(&server, &user, 10).await;
     all.extend(during);
     // Chat does not wait for analytics: no run takes long, whatever ClickHouse does.
     assert!(slowest < Duration::from_secs(2), "slowest run {slowest:?} with ClickHouse away (before: {before:?})");
-    eventually("analytics to say degraded", || async { analytics_state(&server).await.0 == "degraded" }).await;
-    eventually("batches in the spool", || async { spool_files(&server) > 0 }).await;
+    common::eventually("analytics to say degraded", WITHIN, || async {
+        analytics_state(&server).await.0 == "degraded"
+    })
+    .await;
+    common::eventually("batches in the spool", WITHIN, || async { spool_files(&server) > 0 }).await;
     let (state, output) = analytics_state(&server).await;
     assert!(output.contains("ClickHouse"), "{state}: {output}");
     let live: Value = reqwest::get(server.http("/health/ready")).await.expect("ready").json().await.expect("json");
     assert_eq!(live["status"], "ready", "optional analytics never makes the node unready");
 
     ch.restart().await;
-    eventually("every run's row", || async { ch.count(&counted).await >= 15 }).await;
-    eventually("the spool to empty", || async { spool_files(&server) == 0 }).await;
-    eventually("analytics to say ready", || async { analytics_state(&server).await.0 == "ready" }).await;
+    common::eventually("every run's row", WITHIN, || async { ch.count(&counted).await >= 15 }).await;
+    common::eventually("the spool to empty", WITHIN, || async { spool_files(&server) == 0 }).await;
+    common::eventually("analytics to say ready", WITHIN, || async { analytics_state(&server).await.0 == "ready" })
+        .await;
     let rows =
         ch.rows(&format!("SELECT run_id, count() AS n FROM {db}.runs WHERE user_id = '{user}' GROUP BY run_id")).await;
     let mut seen: Vec<String> = rows.iter().map(|r| r["run_id"].as_str().expect("run id").to_string()).collect();
@@ -278,8 +273,8 @@ async fn a_spool_left_by_a_stopped_server_is_sent_by_the_next() {
     ch.restart().await;
     let server = with_analytics(Spawn::new(), &ch, &db).data_dir(data.path().to_path_buf()).ready().await;
     let counted = format!("SELECT count() AS n FROM {db}.runs WHERE user_id = '{user}'");
-    eventually("the spooled runs", || async { ch.count(&counted).await == runs.len() as u64 }).await;
-    eventually("the spool to empty", || async { spool_files(&server) == 0 }).await;
+    common::eventually("the spooled runs", WITHIN, || async { ch.count(&counted).await == runs.len() as u64 }).await;
+    common::eventually("the spool to empty", WITHIN, || async { spool_files(&server) == 0 }).await;
     let sessions = format!("SELECT count() AS n FROM {db}.sessions WHERE user_id = '{user}'");
     assert_eq!(ch.count(&sessions).await, 1);
     // Nothing more arrives later: every row once.

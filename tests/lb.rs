@@ -11,7 +11,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Auth, Client, Server, Spawn, assert_dense, fresh_pg_url, unique};
+use common::{Auth, Client, Redis, Server, Spawn, assert_dense, fresh_pg_url, unique};
 use serde_json::{Value, json};
 
 /// nginx in front of `ports`, listening on a free port of its own.
@@ -72,31 +72,6 @@ impl Drop for Nginx {
     }
 }
 
-/// A private redis-server on a free port.
-struct Redis(Child, u16);
-
-impl Redis {
-    async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Self(child, port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Cluster {
     nodes: Vec<Server>,
     nginx: Nginx,
@@ -113,7 +88,7 @@ impl Cluster {
             let node = Spawn::new()
                 .secret(&secret)
                 .env("DATABASE_URL", &pg)
-                .env("REDIS_URL", format!("redis://127.0.0.1:{}", redis.1))
+                .env("REDIS_URL", redis.url())
                 .env("NETRA_NODE_LEASE", "3s")
                 .env("NETRA_AGENT_TOKEN_DELAY", delay)
                 .ready()

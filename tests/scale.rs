@@ -7,57 +7,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Client, Server, Spawn, assert_dense, fresh_pg_url, types, unique};
+use common::{Client, Redis, Server, Spawn, assert_dense, fresh_pg_url, types, unique};
 use serde_json::{Value, json};
 
-/// A private redis-server on `port`, nothing kept on disk.
-struct Redis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Redis {
-    async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-        let mut redis = Self { port, child: None };
-        redis.up().await;
-        redis
-    }
-
-    async fn up(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian's, on this machine)");
-        self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "redis-server did not listen");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn down(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.down();
-    }
-}
+/// Longest a node takes to notice Redis going or coming back.
+const WITHIN: Duration = Duration::from_secs(20);
 
 /// A node of the cluster on `pg` and `redis`.
 fn node(pg: &str, redis: &Redis) -> Spawn {
@@ -76,18 +32,6 @@ async fn two_nodes(redis: &Redis, delay: &str) -> (Server, Server) {
 async fn component(server: &Server, name: &str) -> Value {
     let health: Value = reqwest::get(server.http("/health")).await.expect("health").json().await.expect("json");
     health["checks"][name][0].clone()
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The frames of one run, as a tab that did not send it sees them: until its ending.
@@ -153,7 +97,7 @@ async fn redis_away_each_node_serves_its_own_and_when_back_every_event_arrives()
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     redis.down();
-    eventually("both nodes to say the broker is degraded", || async {
+    common::eventually("both nodes to say the broker is degraded", WITHIN, || async {
         component(&a, "broker").await["state"] == "degraded" && component(&b, "broker").await["state"] == "degraded"
     })
     .await;
@@ -169,7 +113,10 @@ async fn redis_away_each_node_serves_its_own_and_when_back_every_event_arrives()
     on_a.expect_silence(Duration::from_millis(300)).await;
 
     redis.up().await;
-    eventually("the broker to be ready again", || async { component(&a, "broker").await["state"] == "ready" }).await;
+    common::eventually("the broker to be ready again", WITHIN, || async {
+        component(&a, "broker").await["state"] == "ready"
+    })
+    .await;
     for sent in runs {
         let run_id = sent.last().expect("frames")["run_id"].as_str().expect("run id").to_string();
         let seen = run_seen(&mut on_a, &run_id).await;
@@ -193,7 +140,8 @@ async fn a_node_started_while_redis_is_away_is_ready_degraded_and_heals() {
     assert_eq!(broker["state"], "degraded", "{broker}");
     assert!(broker["output"].as_str().unwrap_or("").contains(&format!("127.0.0.1:{}", redis.port)), "{broker}");
     redis.up().await;
-    eventually("the broker to heal", || async { component(&a, "broker").await["state"] == "ready" }).await;
+    common::eventually("the broker to heal", WITHIN, || async { component(&a, "broker").await["state"] == "ready" })
+        .await;
 
     let mut required =
         node(&pg, &redis).env("REDIS_REQUIRED", "true").env("REDIS_URL", "redis://127.0.0.1:1").start().await;
