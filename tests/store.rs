@@ -289,3 +289,87 @@ async fn a_failed_write_breaks_its_runs_chain() {
         assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6], "{backend:?}");
     }
 }
+
+fn run_job(thread: &str, rows: Vec<Row>) -> WriteJob {
+    WriteJob { thread_id: thread.into(), rows, events: vec![event(EventType::AgentStarted, 0)] }
+}
+
+fn start(run: &str) -> Row {
+    Row::StartRun { run_id: run.into(), user_id: "u".into(), node_id: "n".into() }
+}
+
+fn end(run: &str, status: &'static str) -> Row {
+    Row::EndRun { run_id: run.into(), status, error: None, prompt_tokens: Some(3), completion_tokens: Some(4) }
+}
+
+#[tokio::test]
+async fn a_run_keeps_its_ending_whether_it_starts_in_the_same_batch_or_an_earlier_one() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(backend, &dir).await;
+        let thread = unique("th");
+        let (quick, slow, twice) = (unique("run"), unique("run"), unique("run"));
+        store
+            .write_batch(&vec![new_thread_job(&thread, "u"), run_job(&thread, vec![start(&slow)])].into())
+            .await
+            .expect("first batch");
+        // Started and ended in one batch (also within one job), ended in a later batch,
+        // and ended twice in one batch (the last ending counts).
+        let firsts = store
+            .write_batch(
+                &vec![
+                    run_job(&thread, vec![start(&quick)]),
+                    run_job(&thread, vec![end(&quick, "completed")]),
+                    run_job(&thread, vec![end(&slow, "cancelled")]),
+                    run_job(&thread, vec![start(&twice), end(&twice, "failed")]),
+                    run_job(&thread, vec![end(&twice, "completed")]),
+                ]
+                .into(),
+            )
+            .await
+            .expect("second batch");
+        assert_eq!(firsts, vec![3, 4, 5, 6, 7], "{backend:?}");
+        assert_eq!(store.run_status(&quick).await.expect("quick"), "completed", "{backend:?}");
+        assert_eq!(store.run_status(&slow).await.expect("slow"), "cancelled", "{backend:?}");
+        assert_eq!(store.run_status(&twice).await.expect("twice"), "completed", "{backend:?}");
+        assert!(store.interrupted_runs("n").await.expect("none running").is_empty(), "{backend:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_postgres_writer_reconnects_after_its_connection_is_killed() {
+    use sqlx::Connection;
+    // A database of its own: every session of it can be ended without touching the
+    // other tests running beside this one.
+    let base = common::pg_base_url();
+    let mut admin = sqlx::PgConnection::connect(&base).await.expect("admin connection");
+    let db = format!("t_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut admin).await.expect("create database");
+    let (head, tail) = base.split_once("?").map_or((base.as_str(), ""), |(h, t)| (h, t));
+    let url = format!(
+        "{}/{db}{}{tail}",
+        &head[..head.rfind('/').expect("a database in the URL")],
+        if tail.is_empty() { "" } else { "?" }
+    );
+    let store = Store::connect(&DatabaseUrl::Postgres(Secret::new(url)), Duration::from_secs(10)).await.expect("store");
+    let thread = unique("th");
+    store.write_batch(&vec![new_thread_job(&thread, "u")].into()).await.expect("create");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db)
+        .execute(&mut admin)
+        .await
+        .expect("terminate");
+    // The first write may find its connection dead (the database is away, as far as it
+    // can tell); the next one is on a new connection.
+    let seq = match store.write_batch(&vec![append_job(&thread, 1)].into()).await {
+        Ok(firsts) => firsts[0],
+        Err(e) => {
+            assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+            store.write_batch(&vec![append_job(&thread, 1)].into()).await.expect("reconnected")[0]
+        }
+    };
+    assert_eq!(seq, 2, "nothing half-written");
+    assert_eq!(store.events_after(&thread, 0, 10, usize::MAX).await.expect("read").len(), 2);
+    drop(store);
+    sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&mut admin).await.expect("drop database");
+}

@@ -7,8 +7,9 @@
 //! Who owns what: this module is the facade (the API, its types and errors, the reads and
 //! REST writes through the sqlx pool, the plan that hands out `seq` numbers to a batch);
 //! [`sqlite`] is SQLite's writer thread, which runs every batch of events on its own
-//! rusqlite connection, and the history read; [`postgres`] turns a batch into a few
-//! multi-row statements and records users in batches; [`cache`] and [`history`] are what
+//! rusqlite connection, and the history read; [`postgres`] holds PostgreSQL's writer
+//! connection, which writes a batch as one statement of arrays (typed sqlx, prepared
+//! once), and records users in batches; [`cache`] and [`history`] are what
 //! this node remembers between calls.
 
 /// What recording a user who exists already does: absent claims keep stored ones.
@@ -73,6 +74,11 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_) => Self::Unavailable(Box::new(e)),
+            // PostgreSQL's classes 08 (connection exception) and 57 (operator
+            // intervention: shutting down, starting up) say the server is away.
+            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")) => {
+                Self::Unavailable(Box::new(e))
+            }
             other => Self::Rejected(Box::new(other)),
         }
     }
@@ -99,13 +105,21 @@ enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
-    /// On SQLite, the thread that runs [`Store::write_batch`].
-    writer: Option<sqlite::Writer>,
+    /// What runs [`Store::write_batch`]: SQLite's writer thread, or PostgreSQL's writer
+    /// connection.
+    writer: Option<Writer>,
     /// On PostgreSQL, the task that records users in batches.
     user_queue: Option<tokio::sync::mpsc::Sender<postgres::UserRequest>>,
     owners: Arc<cache::OwnerCache>,
     history: Arc<history::HistoryCache>,
     users: Arc<cache::RecordedUsers>,
+}
+
+/// Each backend's writer of event batches.
+#[derive(Clone)]
+enum Writer {
+    Sqlite(sqlite::Writer),
+    Postgres(Arc<postgres::Writer>),
 }
 
 /// A user to record.
@@ -306,8 +320,9 @@ impl Store {
         let mut store = Self { pool, backend, writer: None, user_queue: None, owners, history, users };
         store.migrate().await?;
         match url {
-            DatabaseUrl::Sqlite(path) => store.writer = Some(sqlite::Writer::start(path).await?),
-            DatabaseUrl::Postgres(_) => {
+            DatabaseUrl::Sqlite(path) => store.writer = Some(Writer::Sqlite(sqlite::Writer::start(path).await?)),
+            DatabaseUrl::Postgres(url) => {
+                store.writer = Some(Writer::Postgres(Arc::new(postgres::Writer::new(url.expose(), timeout)?)));
                 let (queue, requests) = tokio::sync::mpsc::channel(4096);
                 tokio::spawn(postgres::record_users(store.pool.clone(), requests));
                 store.user_queue = Some(queue);
@@ -363,8 +378,8 @@ impl Store {
     /// truncated (otherwise the next open replays it, up to 64 MiB). Called at shutdown.
     pub async fn close(&self) -> Result<()> {
         match &self.writer {
-            Some(writer) => writer.checkpoint().await,
-            None => Ok(()),
+            Some(Writer::Sqlite(writer)) => writer.checkpoint().await,
+            _ => Ok(()),
         }
     }
 
@@ -395,14 +410,14 @@ impl Store {
             created_at: now_ms(),
         };
         match (&self.writer, &self.user_queue) {
-            (Some(writer), _) => writer.upsert_user(user).await?,
-            (None, Some(queue)) => {
+            (Some(Writer::Sqlite(writer)), _) => writer.upsert_user(user).await?,
+            (_, Some(queue)) => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 let stopped = || StoreError::Unavailable("the user recorder stopped".into());
                 queue.send((user, reply)).await.map_err(|_| stopped())?;
                 answer.await.map_err(|_| stopped())??;
             }
-            (None, None) => {
+            _ => {
                 sqlx::query(UPSERT_USER)
                     .bind(&user.id)
                     .bind(&user.email)
@@ -585,7 +600,9 @@ impl Store {
     /// (at most [`HISTORY_DEPTH`]), oldest first, from memory. `None` when that is not
     /// known here; a thread being created has none.
     pub fn history_now(&self, thread_id: &str, new_thread: bool, limit: usize) -> Option<(u64, Vec<Arc<Message>>)> {
-        self.writer.as_ref()?;
+        if !matches!(self.writer, Some(Writer::Sqlite(_))) {
+            return None;
+        }
         if new_thread {
             return Some((0, Vec::new()));
         }
@@ -624,8 +641,8 @@ impl Store {
         }
         let depth = HISTORY_DEPTH as i64;
         let (newest_first, through) = match &self.writer {
-            Some(writer) => writer.recent(thread_id, depth).await?,
-            None => {
+            Some(Writer::Sqlite(writer)) => writer.recent(thread_id, depth).await?,
+            _ => {
                 let rows = sqlx::query(RECENT_MESSAGES).bind(thread_id).bind(depth).fetch_all(&self.pool).await?;
                 let through = rows.first().map(|r| r.try_get::<i64, _>("through_seq")).transpose()?;
                 (rows.iter().map(message_from_row).collect::<Result<Vec<_>>>()?, through)
@@ -705,8 +722,9 @@ impl Store {
     pub async fn write_batch(&self, jobs: &Arc<[WriteJob]>) -> Result<Vec<u64>> {
         let now = now_ms();
         let firsts = match &self.writer {
-            Some(writer) => writer.write(jobs.clone(), now).await?,
-            None => postgres::write_batch(&self.pool, jobs, now).await?,
+            Some(Writer::Sqlite(writer)) => writer.write(jobs.clone(), now).await?,
+            Some(Writer::Postgres(writer)) => writer.write(jobs, now).await?,
+            None => return Err(StoreError::Unavailable("the store has no writer".into())),
         };
         let firsts: Vec<u64> = firsts.into_iter().map(|f| u64::try_from(f).unwrap_or(0)).collect();
         for (job, first) in jobs.iter().zip(&firsts) {
@@ -828,18 +846,15 @@ impl Store {
 }
 
 /// One [`Store::write_batch`]: the events per thread, which give each job its first
-/// `seq` ([`Batch::firsts`]), on both backends; on PostgreSQL also its statements, in the
-/// order they run: [`Batch::creates`], then [`Batch::allocate`], whose returned
-/// `(id, last_seq)` rows give [`Batch::firsts`], then [`Batch::rest`].
+/// `seq` ([`Batch::firsts`]) from the `last_seq` each thread reached, on both backends.
 struct Batch<'a> {
     jobs: &'a [WriteJob],
-    now: i64,
     /// Events per thread of the batch, in order of first appearance.
     totals: Vec<(&'a str, i64)>,
 }
 
 impl<'a> Batch<'a> {
-    fn new(jobs: &'a [WriteJob], now: i64) -> Self {
+    fn new(jobs: &'a [WriteJob]) -> Self {
         let mut totals: Vec<(&str, i64)> = Vec::new();
         for job in jobs.iter().filter(|j| !j.events.is_empty()) {
             match totals.iter_mut().find(|(t, _)| *t == job.thread_id) {
@@ -847,11 +862,11 @@ impl<'a> Batch<'a> {
                 None => totals.push((&job.thread_id, job.events.len() as i64)),
             }
         }
-        Self { jobs, now, totals }
+        Self { jobs, totals }
     }
 
-    /// The first `seq` of each job, from the `(id, last_seq)` rows [`Batch::allocate`]
-    /// returned. A thread that is missing or deleted fails the batch (`NotFound`).
+    /// The first `seq` of each job, from the `(id, last_seq)` each thread reached in the
+    /// writing transaction. A thread that is missing or deleted fails the batch (`NotFound`).
     fn firsts(&self, handed_out: Vec<(String, i64)>) -> Result<Vec<i64>> {
         let mut next: HashMap<&str, i64> = HashMap::with_capacity(self.totals.len());
         for (id, last) in &handed_out {

@@ -1,33 +1,155 @@
-//! PostgreSQL's side of the store: a batch of jobs as a few multi-row statements (each
-//! statement is a round trip, so fewer is faster), and the task that records users in
+//! PostgreSQL's side of the store: the batch writer and the task that records users in
 //! batches. Reads share the sqlx pool with SQLite and live in the facade.
+//!
+//! A batch is one statement ([`WRITE_BATCH`]): every column travels as an array, so its
+//! text never changes (prepared once per connection), and one statement is one round
+//! trip and one commit. The earlier shape — `BEGIN`, a ping, one statement per table
+//! and per run ending, `COMMIT`, each with SQL text built for its row count — took 7 to
+//! 15 round trips per batch and parsed most statements anew (bench/PROFILE.md).
 
 use std::collections::HashMap;
+use std::str::FromStr as _;
+use std::time::Duration;
 
-use sqlx::{Any, AnyPool, Row as _};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError};
+use sqlx::{AnyPool, Connection as _, Row as _};
+use tokio::sync::Mutex;
 
 use super::{Batch, NewUser, Result, Row, StoreError, WriteJob, shared_outcome};
 
-/// [`Store::write_batch`](super::Store::write_batch) on PostgreSQL: few statements, each a
-/// round trip, in one transaction; returns each job's first seq.
-pub(super) async fn write_batch(pool: &AnyPool, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
-    let batch = Batch::new(jobs, now);
-    let mut tx = pool.begin().await?;
-    for statement in batch.creates() {
-        statement.sqlx().execute(&mut *tx).await?;
+/// Writes a batch of jobs in one statement. Threads the batch creates start with
+/// `last_seq` at their number of events (seq from 1); the others hand theirs out under
+/// their row lock (`allocated`), which serializes every writer of a thread, on every
+/// node, until commit: that is what keeps seq dense and unique. Sibling parts of one
+/// statement see the same snapshot, so a run that starts and ends in the batch is
+/// inserted with its ending ([`Columns::push_row`]). An event or message of a thread
+/// that is missing or deleted has no base, hence a null `seq`: the statement fails whole
+/// and the error reads as [`StoreError::NotFound`].
+const WRITE_BATCH: &str = "\
+WITH created AS (
+    INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq)
+    SELECT id, owner_id, title, '{}', $1, $1, n
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[]) AS c (id, owner_id, title, n)
+    RETURNING id, 0::bigint AS base
+), allocated AS (
+    UPDATE threads t SET last_seq = t.last_seq + a.n, updated_at = $1
+    FROM unnest($6::text[], $7::bigint[]) AS a (id, n)
+    WHERE t.id = a.id AND t.deleted_at IS NULL
+    RETURNING t.id, t.last_seq AS last_seq, t.last_seq - a.n AS base
+), bases AS (
+    SELECT id, base FROM created UNION ALL SELECT id, base FROM allocated
+), written_events AS (
+    INSERT INTO events (thread_id, seq, run_id, type, agent_name, payload, created_at)
+    SELECT e.thread_id, b.base + e.n, e.run_id, e.type, e.agent_name, e.payload, e.created_at
+    FROM unnest($8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])
+        AS e (thread_id, n, run_id, type, agent_name, payload, created_at)
+    LEFT JOIN bases b ON b.id = e.thread_id
+), written_messages AS (
+    INSERT INTO messages (id, thread_id, seq, role, content, run_id, created_at)
+    SELECT m.id, m.thread_id, b.base + m.n, m.role, m.content, m.run_id, $1
+    FROM unnest($15::text[], $16::text[], $17::bigint[], $18::text[], $19::text[], $20::text[])
+        AS m (id, thread_id, n, role, content, run_id)
+    LEFT JOIN bases b ON b.id = m.thread_id
+), started AS (
+    INSERT INTO runs (id, thread_id, user_id, node_id, started_at, status, ended_at, error,
+                      prompt_tokens, completion_tokens)
+    SELECT id, thread_id, user_id, node_id, $1, status, CASE WHEN status = 'running' THEN NULL ELSE $1 END,
+           error, prompt_tokens, completion_tokens
+    FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::bigint[],
+                $28::bigint[])
+        AS s (id, thread_id, user_id, node_id, status, error, prompt_tokens, completion_tokens)
+), ended AS (
+    UPDATE runs r SET status = u.status, ended_at = $1, error = u.error, prompt_tokens = u.prompt_tokens,
+                      completion_tokens = u.completion_tokens
+    FROM unnest($29::text[], $30::text[], $31::text[], $32::bigint[], $33::bigint[])
+        AS u (id, status, error, prompt_tokens, completion_tokens)
+    WHERE r.id = u.id
+)
+SELECT id, last_seq FROM allocated";
+
+/// The connection the writer holds, opened on first use and again after a failure that
+/// may have left it unusable. One connection, one batch at a time: the writer task is
+/// its only user.
+pub(super) struct Writer {
+    options: PgConnectOptions,
+    connect_timeout: Duration,
+    conn: Mutex<Option<PgConnection>>,
+}
+
+impl Writer {
+    pub(super) fn new(url: &str, connect_timeout: Duration) -> Result<Self> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))?
+            .application_name("netra writer");
+        Ok(Self { options, connect_timeout, conn: Mutex::new(None) })
     }
-    let mut handed_out = Vec::new();
-    if let Some(statement) = batch.allocate() {
-        for row in statement.sqlx().fetch_all(&mut *tx).await? {
-            handed_out.push((row.try_get("id")?, row.try_get("last_seq")?));
+
+    /// [`Store::write_batch`](super::Store::write_batch) on PostgreSQL: returns each
+    /// job's first seq (0 for a job without events).
+    pub(super) async fn write(&self, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
+        let mut slot = self.conn.lock().await;
+        let conn = match &mut *slot {
+            Some(conn) => conn,
+            None => {
+                let connect = async {
+                    let mut conn = PgConnection::connect_with(&self.options).await?;
+                    // A generic plan is made once, for the tables as they were then: one
+                    // made while `runs` was empty scans it whole for every run ending
+                    // ever after. A plan per batch sees its arrays' sizes and today's tables.
+                    sqlx::query("SET plan_cache_mode = force_custom_plan").execute(&mut conn).await?;
+                    Ok::<_, sqlx::Error>(conn)
+                };
+                let conn = tokio::time::timeout(self.connect_timeout, connect)
+                    .await
+                    .map_err(|e| StoreError::Unavailable(Box::new(e)))??;
+                slot.insert(conn)
+            }
+        };
+        let result = write_batch(conn, jobs, now).await;
+        if let Err(e) = &result
+            && !answered(e)
+        {
+            // Whatever state the connection is in, the next batch starts on a new one.
+            *slot = None;
+        }
+        result
+    }
+}
+
+/// Whether an error is the database's answer about the data (the connection is fine),
+/// rather than something that may have broken the connection.
+fn answered(e: &StoreError) -> bool {
+    match e {
+        StoreError::NotFound => true,
+        StoreError::Rejected(cause) => matches!(cause.downcast_ref::<sqlx::Error>(), Some(sqlx::Error::Database(_))),
+        _ => false,
+    }
+}
+
+async fn write_batch(conn: &mut PgConnection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
+    let batch = Batch::new(jobs);
+    let columns = Columns::of(&batch);
+    let rows = columns.query(now).fetch_all(&mut *conn).await.map_err(|e| match &e {
+        sqlx::Error::Database(db)
+            if db
+                .try_downcast_ref::<PgDatabaseError>()
+                .is_some_and(|pg| pg.code() == "23502" && pg.column() == Some("seq")) =>
+        {
+            StoreError::NotFound
+        }
+        _ => StoreError::from(e),
+    })?;
+    let mut handed_out = Vec::with_capacity(batch.totals.len());
+    for row in rows {
+        handed_out.push((row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?));
+    }
+    // A created thread's last seq is its number of events in the batch.
+    for (thread, n) in &batch.totals {
+        if columns.created_ids.contains(thread) {
+            handed_out.push((thread.to_string(), *n));
         }
     }
-    let firsts = batch.firsts(handed_out)?;
-    for statement in batch.rest(&firsts) {
-        statement.sqlx().execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    Ok(firsts)
+    batch.firsts(handed_out)
 }
 
 /// A user to record and who waits for it.
@@ -70,191 +192,170 @@ pub(super) async fn record_users(pool: AnyPool, mut requests: tokio::sync::mpsc:
     }
 }
 
-/// A value bound to a statement of [`Store::write_batch`], whichever the driver.
-#[derive(Debug, Clone, Copy)]
-enum Param<'a> {
-    Text(&'a str),
-    MaybeText(Option<&'a str>),
-    Int(i64),
-    MaybeInt(Option<i64>),
+/// A batch as the arrays [`WRITE_BATCH`] takes: one vector per column, borrowed from the
+/// jobs (no payload is copied).
+#[derive(Default)]
+struct Columns<'a> {
+    created_ids: Vec<&'a str>,
+    created_owners: Vec<&'a str>,
+    created_titles: Vec<&'a str>,
+    created_events: Vec<i64>,
+    allocated_ids: Vec<&'a str>,
+    allocated_events: Vec<i64>,
+    event_threads: Vec<&'a str>,
+    /// An event's place among its thread's events in the batch, from 1.
+    event_places: Vec<i64>,
+    event_runs: Vec<Option<&'a str>>,
+    event_kinds: Vec<&'a str>,
+    event_agents: Vec<Option<&'a str>>,
+    event_payloads: Vec<&'a str>,
+    event_times: Vec<&'a str>,
+    message_ids: Vec<&'a str>,
+    message_threads: Vec<&'a str>,
+    message_places: Vec<i64>,
+    message_roles: Vec<&'a str>,
+    message_contents: Vec<&'a str>,
+    message_runs: Vec<Option<&'a str>>,
+    starts: Vec<Run<'a>>,
+    ends: Vec<Run<'a>>,
 }
 
-/// A statement of [`Store::write_batch`] on PostgreSQL (SQLite's writer thread runs cached
-/// single-row statements instead): its text and its values in placeholder order.
-#[derive(Debug)]
-struct Statement<'a> {
-    sql: String,
-    params: Vec<Param<'a>>,
+/// A run row: started (status `running` unless it also ended in the batch) or ended.
+#[derive(Clone, Copy, Default)]
+struct Run<'a> {
+    id: &'a str,
+    thread_id: &'a str,
+    user_id: &'a str,
+    node_id: &'a str,
+    status: &'a str,
+    error: Option<&'a str>,
+    prompt_tokens: Option<i64>,
+    completion_tokens: Option<i64>,
 }
 
-impl Statement<'_> {
-    fn sqlx(&self) -> sqlx::query::Query<'_, Any, sqlx::any::AnyArguments<'_>> {
-        let mut query = sqlx::query(&self.sql);
-        for param in &self.params {
-            query = match *param {
-                Param::Text(v) => query.bind(v),
-                Param::MaybeText(v) => query.bind(v),
-                Param::Int(v) => query.bind(v),
-                Param::MaybeInt(v) => query.bind(v),
-            };
-        }
-        query
-    }
-}
-
-/// Rows per multi-row insert: 7 parameters each stays far below every backend's limit.
-const ROWS_PER_INSERT: usize = 200;
-
-impl<'a> Batch<'a> {
-    /// One insert per thread the batch creates.
-    fn creates(&self) -> Vec<Statement<'a>> {
-        let mut statements = Vec::new();
-        for job in self.jobs {
+impl<'a> Columns<'a> {
+    fn of(batch: &Batch<'a>) -> Self {
+        let mut c = Self::default();
+        let events_of = |thread: &str| batch.totals.iter().find(|(t, _)| *t == thread).map_or(0, |(_, n)| *n);
+        for job in batch.jobs {
             for row in &job.rows {
                 if let Row::CreateThread { owner_id, title } = row {
-                    let mut ph = Placeholders::default();
-                    statements.push(Statement {
-                        sql: format!(
-                            "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
-                             VALUES {}",
-                            ph.row_with(&[None, None, None, Some("'{}'"), None, None, Some("0")])
-                        ),
-                        params: vec![
-                            Param::Text(&job.thread_id),
-                            Param::Text(owner_id),
-                            Param::Text(title),
-                            Param::Int(self.now),
-                            Param::Int(self.now),
-                        ],
-                    });
+                    c.created_ids.push(&job.thread_id);
+                    c.created_owners.push(owner_id);
+                    c.created_titles.push(title);
+                    c.created_events.push(events_of(&job.thread_id));
                 }
             }
         }
-        statements
-    }
-
-    /// Hands out the next sequence numbers of every thread in the batch with one
-    /// statement returning `(id, last_seq)`; none when the batch has no events. The row
-    /// locks it takes serialize every writer of those threads, on every node, until
-    /// commit: that is what keeps seq dense and unique.
-    fn allocate(&self) -> Option<Statement<'a>> {
-        if self.totals.is_empty() {
-            return None;
+        for (thread, n) in &batch.totals {
+            if !c.created_ids.contains(thread) {
+                c.allocated_ids.push(thread);
+                c.allocated_events.push(*n);
+            }
         }
-        let mut ph = Placeholders::default();
-        let mut sql = String::from("UPDATE threads SET last_seq = last_seq + CASE id");
-        let mut params = Vec::with_capacity(self.totals.len() * 3 + 1);
-        for (thread, n) in &self.totals {
-            let (a, b) = (ph.next(), ph.next());
-            sql.push_str(&format!(" WHEN {a} THEN {b}"));
-            params.extend([Param::Text(thread), Param::Int(*n)]);
-        }
-        sql.push_str(&format!(
-            " END, updated_at = {} WHERE deleted_at IS NULL AND id IN {} RETURNING id, last_seq",
-            ph.next(),
-            ph.row(self.totals.len())
-        ));
-        params.push(Param::Int(self.now));
-        params.extend(self.totals.iter().map(|(thread, _)| Param::Text(thread)));
-        Some(Statement { sql, params })
-    }
-
-    /// The events, then the message and run rows, as few statements as the batch allows;
-    /// `firsts` is the `seq` of each job's first event. Inserts come before run endings,
-    /// so a run that starts and ends within one batch is recorded right.
-    fn rest(&self, firsts: &[i64]) -> Vec<Statement<'a>> {
-        let mut events = Vec::new();
-        let mut messages = Vec::new();
-        let mut starts = Vec::new();
-        let mut ends = Vec::new();
-        for (job, first) in self.jobs.iter().zip(firsts) {
+        let mut placed: HashMap<&str, i64> = HashMap::with_capacity(batch.totals.len());
+        for job in batch.jobs {
+            let thread = job.thread_id.as_str();
+            let before = placed.entry(thread).or_insert(0);
+            let first = *before + 1;
+            *before += job.events.len() as i64;
             for (i, event) in job.events.iter().enumerate() {
-                events.extend([
-                    Param::Text(&job.thread_id),
-                    Param::Int(first + i as i64),
-                    Param::MaybeText(event.run_id.as_deref()),
-                    Param::Text(event.kind.as_str()),
-                    Param::MaybeText(event.agent_name.as_deref()),
-                    Param::Text(event.payload.get()),
-                    Param::Text(&event.timestamp),
-                ]);
+                c.event_threads.push(thread);
+                c.event_places.push(first + i as i64);
+                c.event_runs.push(event.run_id.as_deref());
+                c.event_kinds.push(event.kind.as_str());
+                c.event_agents.push(event.agent_name.as_deref());
+                c.event_payloads.push(event.payload.get());
+                c.event_times.push(&event.timestamp);
             }
             for row in &job.rows {
-                match row {
-                    Row::CreateThread { .. } => {}
-                    Row::Message { id, role, content, run_id, event_index } => messages.extend([
-                        Param::Text(id),
-                        Param::Text(&job.thread_id),
-                        Param::Int(first + *event_index as i64),
-                        Param::Text(role),
-                        Param::Text(content),
-                        Param::MaybeText(run_id.as_deref()),
-                        Param::Int(self.now),
-                    ]),
-                    Row::StartRun { run_id, user_id, node_id } => starts.extend([
-                        Param::Text(run_id),
-                        Param::Text(&job.thread_id),
-                        Param::Text(user_id),
-                        Param::Text(node_id),
-                        Param::Int(self.now),
-                    ]),
-                    Row::EndRun { run_id, status, error, prompt_tokens, completion_tokens } => {
-                        let mut ph = Placeholders::default();
-                        ends.push(Statement {
-                            sql: format!(
-                                "UPDATE runs SET status = {}, ended_at = {}, error = {}, prompt_tokens = {}, \
-                                 completion_tokens = {} WHERE id = {}",
-                                ph.next(),
-                                ph.next(),
-                                ph.next(),
-                                ph.next(),
-                                ph.next(),
-                                ph.next()
-                            ),
-                            params: vec![
-                                Param::Text(status),
-                                Param::Int(self.now),
-                                Param::MaybeText(error.as_deref()),
-                                Param::MaybeInt(*prompt_tokens),
-                                Param::MaybeInt(*completion_tokens),
-                                Param::Text(run_id),
-                            ],
-                        });
-                    }
+                c.push_row(thread, first, row);
+            }
+        }
+        c
+    }
+
+    /// A job's message or run row; `first` is the place of the job's first event.
+    fn push_row(&mut self, thread_id: &'a str, first: i64, row: &'a Row) {
+        match row {
+            Row::CreateThread { .. } => {}
+            Row::Message { id, role, content, run_id, event_index } => {
+                self.message_ids.push(id);
+                self.message_threads.push(thread_id);
+                self.message_places.push(first + *event_index as i64);
+                self.message_roles.push(role);
+                self.message_contents.push(content);
+                self.message_runs.push(run_id.as_deref());
+            }
+            Row::StartRun { run_id, user_id, node_id } => self.starts.push(Run {
+                id: run_id,
+                thread_id,
+                user_id,
+                node_id,
+                status: "running",
+                error: None,
+                prompt_tokens: None,
+                completion_tokens: None,
+            }),
+            Row::EndRun { run_id, status, error, prompt_tokens, completion_tokens } => {
+                let ending = |run: &mut Run<'a>| {
+                    run.status = status;
+                    run.error = error.as_deref();
+                    run.prompt_tokens = *prompt_tokens;
+                    run.completion_tokens = *completion_tokens;
+                };
+                // The statement's parts see one snapshot: a run inserted by it cannot be
+                // updated by it, so it is inserted ended. A run ended twice keeps the last.
+                if let Some(run) = self.starts.iter_mut().find(|r| r.id == run_id) {
+                    ending(run);
+                } else if let Some(run) = self.ends.iter_mut().find(|r| r.id == run_id) {
+                    ending(run);
+                } else {
+                    let mut run = Run { id: run_id, thread_id, ..Run::default() };
+                    ending(&mut run);
+                    self.ends.push(run);
                 }
             }
         }
-        let mut statements = self.inserts(
-            "INSERT INTO events (thread_id, seq, run_id, type, agent_name, payload, created_at) VALUES",
-            &[None; 7],
-            events,
-        );
-        statements.extend(self.inserts(
-            "INSERT INTO messages (id, thread_id, seq, role, content, run_id, created_at) VALUES",
-            &[None; 7],
-            messages,
-        ));
-        statements.extend(self.inserts(
-            "INSERT INTO runs (id, thread_id, user_id, node_id, started_at, status) VALUES",
-            &[None, None, None, None, None, Some("'running'")],
-            starts,
-        ));
-        statements.extend(ends);
-        statements
     }
 
-    /// Multi-row inserts of `params`, [`ROWS_PER_INSERT`] rows per statement, each row
-    /// shaped like `columns` (see [`Placeholders::row_with`]).
-    fn inserts(&self, head: &str, columns: &[Option<&str>], params: Vec<Param<'a>>) -> Vec<Statement<'a>> {
-        let bound = columns.iter().filter(|c| c.is_none()).count();
-        params
-            .chunks(bound * ROWS_PER_INSERT)
-            .map(|chunk| {
-                let mut ph = Placeholders::default();
-                let rows: Vec<String> = (0..chunk.len() / bound).map(|_| ph.row_with(columns)).collect();
-                Statement { sql: format!("{head} {}", rows.join(", ")), params: chunk.to_vec() }
-            })
-            .collect()
+    fn query(&self, now: i64) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let column = |runs: &[Run<'a>], f: fn(&Run<'a>) -> &'a str| runs.iter().map(f).collect::<Vec<_>>();
+        let (starts, ends) = (&self.starts, &self.ends);
+        sqlx::query(WRITE_BATCH)
+            .bind(now)
+            .bind(&self.created_ids)
+            .bind(&self.created_owners)
+            .bind(&self.created_titles)
+            .bind(&self.created_events)
+            .bind(&self.allocated_ids)
+            .bind(&self.allocated_events)
+            .bind(&self.event_threads)
+            .bind(&self.event_places)
+            .bind(&self.event_runs)
+            .bind(&self.event_kinds)
+            .bind(&self.event_agents)
+            .bind(&self.event_payloads)
+            .bind(&self.event_times)
+            .bind(&self.message_ids)
+            .bind(&self.message_threads)
+            .bind(&self.message_places)
+            .bind(&self.message_roles)
+            .bind(&self.message_contents)
+            .bind(&self.message_runs)
+            .bind(column(starts, |r| r.id))
+            .bind(column(starts, |r| r.thread_id))
+            .bind(column(starts, |r| r.user_id))
+            .bind(column(starts, |r| r.node_id))
+            .bind(column(starts, |r| r.status))
+            .bind(starts.iter().map(|r| r.error).collect::<Vec<_>>())
+            .bind(starts.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>())
+            .bind(starts.iter().map(|r| r.completion_tokens).collect::<Vec<_>>())
+            .bind(column(ends, |r| r.id))
+            .bind(column(ends, |r| r.status))
+            .bind(ends.iter().map(|r| r.error).collect::<Vec<_>>())
+            .bind(ends.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>())
+            .bind(ends.iter().map(|r| r.completion_tokens).collect::<Vec<_>>())
     }
 }
 
@@ -273,17 +374,5 @@ impl Placeholders {
     /// `(p, p, …)` for one row of `cols` bound values.
     fn row(&mut self, cols: usize) -> String {
         format!("({})", (0..cols).map(|_| self.next()).collect::<Vec<_>>().join(", "))
-    }
-
-    /// One row: a placeholder for each `None` column, the literal SQL of each `Some`.
-    fn row_with(&mut self, columns: &[Option<&str>]) -> String {
-        let items: Vec<String> = columns
-            .iter()
-            .map(|c| match c {
-                None => self.next(),
-                Some(literal) => (*literal).to_string(),
-            })
-            .collect();
-        format!("({})", items.join(", "))
     }
 }

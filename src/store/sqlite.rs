@@ -334,7 +334,7 @@ fn recent(conn: &Connection, thread_id: &str, limit: i64) -> Result<(Vec<Message
 /// needs no statement journal (a multi-row insert inside a transaction writes every page
 /// it touches to one, in case a later row fails).
 fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
-    let batch = Batch::new(jobs, now);
+    let batch = Batch::new(jobs);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         let mut create = tx.prepare_cached(
