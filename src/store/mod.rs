@@ -86,12 +86,15 @@ impl From<sqlx::Error> for StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("migrations/0001_init.sql")),
-    (2, include_str!("migrations/0002_run_usage.sql")),
-    (3, include_str!("migrations/0003_threads_by_owner.sql")),
-    (4, include_str!("migrations/0004_running_runs.sql")),
-    (5, include_str!("migrations/0005_nodes.sql")),
+/// The schema's versions in order: each with its SQL and the backend it is for (`None`:
+/// both). A version for the other backend is recorded as applied without running.
+const MIGRATIONS: &[(i64, &str, Option<Backend>)] = &[
+    (1, include_str!("migrations/0001_init.sql"), None),
+    (2, include_str!("migrations/0002_run_usage.sql"), None),
+    (3, include_str!("migrations/0003_threads_by_owner.sql"), None),
+    (4, include_str!("migrations/0004_running_runs.sql"), None),
+    (5, include_str!("migrations/0005_nodes.sql"), None),
+    (6, include_str!("migrations/0006_postgres_events_without_foreign_keys.sql"), Some(Backend::Postgres)),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,10 +345,10 @@ impl Store {
         // The usual start: everything applied already. One read, no lock, no transaction.
         let applied: Vec<i64> =
             sqlx::query_scalar("SELECT version FROM netra_migrations").fetch_all(&self.pool).await?;
-        if MIGRATIONS.iter().all(|(version, _)| applied.contains(version)) {
+        if MIGRATIONS.iter().all(|(version, _, _)| applied.contains(version)) {
             return Ok(());
         }
-        for (version, sql) in MIGRATIONS {
+        for (version, sql, only) in MIGRATIONS {
             let mut tx = self.pool.begin().await?;
             if self.backend == Backend::Postgres {
                 sqlx::query("SELECT pg_advisory_xact_lock(7261)").execute(&mut *tx).await?;
@@ -357,7 +360,8 @@ impl Store {
             if applied.is_some() {
                 continue;
             }
-            for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty() && !is_comment_only(s)) {
+            let statements = sql.split(';').map(str::trim).filter(|s| !s.is_empty() && !is_comment_only(s));
+            for statement in statements.filter(|_| only.is_none_or(|backend| backend == self.backend)) {
                 sqlx::query(statement)
                     .execute(&mut *tx)
                     .await

@@ -22,9 +22,11 @@ use super::{Batch, NewUser, Result, Row, StoreError, WriteJob, shared_outcome};
 /// their row lock (`allocated`), which serializes every writer of a thread, on every
 /// node, until commit: that is what keeps seq dense and unique. Sibling parts of one
 /// statement see the same snapshot, so a run that starts and ends in the batch is
-/// inserted with its ending ([`Columns::push_row`]). An event or message of a thread
-/// that is missing or deleted has no base, hence a null `seq`: the statement fails whole
-/// and the error reads as [`StoreError::NotFound`].
+/// inserted with its ending ([`Columns::push_row`]). An event, message or run start of a
+/// thread that is missing or deleted has no base, hence a null `seq` or `thread_id`: the
+/// statement fails whole and the error reads as [`StoreError::NotFound`]. That is also
+/// why these tables need no foreign keys here (migration 0006): every row's thread is
+/// created or locked by the statement that writes it. A run starts in a job with events.
 const WRITE_BATCH: &str = "\
 WITH created AS (
     INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq)
@@ -53,11 +55,12 @@ WITH created AS (
 ), started AS (
     INSERT INTO runs (id, thread_id, user_id, node_id, started_at, status, ended_at, error,
                       prompt_tokens, completion_tokens)
-    SELECT id, thread_id, user_id, node_id, $1, status, CASE WHEN status = 'running' THEN NULL ELSE $1 END,
-           error, prompt_tokens, completion_tokens
+    SELECT s.id, b.id, s.user_id, s.node_id, $1, s.status, CASE WHEN s.status = 'running' THEN NULL ELSE $1 END,
+           s.error, s.prompt_tokens, s.completion_tokens
     FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::bigint[],
                 $28::bigint[])
         AS s (id, thread_id, user_id, node_id, status, error, prompt_tokens, completion_tokens)
+    LEFT JOIN bases b ON b.id = s.thread_id
 ), ended AS (
     UPDATE runs r SET status = u.status, ended_at = $1, error = u.error, prompt_tokens = u.prompt_tokens,
                       completion_tokens = u.completion_tokens
@@ -133,7 +136,7 @@ async fn write_batch(conn: &mut PgConnection, jobs: &[WriteJob], now: i64) -> Re
         sqlx::Error::Database(db)
             if db
                 .try_downcast_ref::<PgDatabaseError>()
-                .is_some_and(|pg| pg.code() == "23502" && pg.column() == Some("seq")) =>
+                .is_some_and(|pg| pg.code() == "23502" && matches!(pg.column(), Some("seq" | "thread_id"))) =>
         {
             StoreError::NotFound
         }
