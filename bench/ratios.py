@@ -63,63 +63,79 @@ def num(v):
 
 
 def targets(rows, own_path):
-    """Each target of #12 with what this run measured, met or missed."""
-    persist = {}
+    """Each target of #18 with what this run measured, met or missed."""
     repeats = {}
     idle = None
+    pg_cpu = None
     with open(own_path) as f:
         for line in f:
             if line.strip().startswith("{"):
                 r = json.loads(line)
                 if r.get("scenario") == "connect":
                     idle = r
+                if r.get("scenario") == "postgres_cpu":
+                    pg_cpu = r
                 if r.get("label", "").startswith("netra-run"):
                     repeats.setdefault(r.get("scenario"), []).append(r)
-                if r.get("scenario") == "persist":
-                    key = r["backend"]
-                    persist[key] = max(persist.get(key, 0), r["events_per_s"])
     lines = ["| target | netra | netra-pg | met |", "|---|---|---|---|"]
 
     def get(label, scen, path):
         return num(dig(rows.get(label, {}).get(scen), path))
 
-    def row(name, path, scen, ok):
-        a, b = get("netra", scen, path), get("netra-pg", scen, path)
-        met = [ok(v) for v in (a, b) if v is not None]
-        verdict = "yes" if met and all(met) else ("netra only" if met and met[0] else "no")
-        lines.append(f"| {name} | {a if a is not None else '—'} | {b if b is not None else '—'} | {verdict} |")
+    def verdict(a, b):
+        if a is None and b is None:
+            return "—"
+        if a and b:
+            return "yes"
+        return "netra only" if a else ("netra-pg only" if b else "no")
 
-    axum_cpu = get("axum-bare", "chat", ("server_cpu_us_per_msg",))
-    fastapi_cpu = get("fastapi", "chat", ("server_cpu_us_per_msg",))
-    row("exec → ready median ≤ 30 ms", ("exec_to_ready_ms", "median"), "ready", lambda v: v <= 30)
-    if axum_cpu and fastapi_cpu:
-        limit = min(axum_cpu, fastapi_cpu / 5)
-        row(f"chat server CPU per message ≤ axum-bare's ({axum_cpu}) and ≤ FastAPI's / 5 ({fastapi_cpu / 5:.1f}) µs",
-            ("server_cpu_us_per_msg",), "chat", lambda v: v <= limit)
-    row("RSS per idle connection ≤ 4 KiB (10k storm)", ("rss_kib_per_conn",), "connect", lambda v: v <= 4)
-    if idle is not None:
-        lines.append(f"| RSS per idle connection ≤ 4 KiB, {idle.get('opened')} held by one process | "
-                     f"{idle.get('rss_kib_per_conn')} | — | {'yes' if (num(idle.get('rss_kib_per_conn')) or 99) <= 4 else 'no'} |")
-    row("connect → first frame p99 ≤ 30 ms (10k storm)", ("connect_to_first_frame", "p99"), "connect", lambda v: v <= 30)
-    for name, scen, path, limit in (
-        ("chat p99 to final_report ≤ 5 ms (C=100)", "chat", ("to_final_report", "p99"), 5),
-        ("fanout p99, each event at each tab ≤ 3 ms", "fanout", ("delivery_each_event", "p99"), 3),
-    ):
+    def show(v):
+        return "—" if v is None else str(v)
+
+    def median_of_netra(scen, path):
         runs = [get("netra", scen, path)] + [num(dig(r, path)) for r in repeats.get(scen, [])]
         runs = [v for v in runs if v is not None]
-        b = get("netra-pg", scen, path)
-        if len(runs) >= 3:
-            median = sorted(runs)[len(runs) // 2]
-            shown = f"{median} (median of {', '.join(str(v) for v in runs)})"
-        else:
-            median = runs[0] if runs else None
-            shown = "—" if median is None else str(median)
-        met = median is not None and median <= limit
-        lines.append(f"| {name} | {shown} | {b if b is not None else '—'} | {'yes' if met else 'no'} |")
-    sq, pg = persist.get("sqlite"), persist.get("postgres")
-    ok = [sq is not None and sq >= 100_000, pg is not None and pg >= 30_000]
-    lines.append(f"| persisted events/s ≥ 100k SQLite, ≥ 30k PostgreSQL (best of the persist rows) | {sq} | {pg} | "
-                 f"{'yes' if all(ok) else ('PostgreSQL only' if ok[1] else ('SQLite only' if ok[0] else 'no'))} |")
+        if not runs:
+            return None, "—"
+        median = sorted(runs)[len(runs) // 2]
+        if len(runs) == 1:
+            return median, str(median)
+        return median, f"{median} (median of {', '.join(str(v) for v in runs)})"
+
+    cpu = ("server_cpu_us_per_msg",)
+    fastapi_cpu, node_cpu = get("fastapi", "chat", cpu), get("node-ws", "chat", cpu)
+    a, b = get("netra", "chat", cpu), get("netra-pg", "chat", cpu)
+    if fastapi_cpu and node_cpu:
+        limit = min(fastapi_cpu / 2, node_cpu)
+        pg_note = ""
+        if pg_cpu is not None:
+            pg_note = (f"; a second netra-pg chat: netra {pg_cpu.get('server_cpu_us_per_msg')}, "
+                       f"PostgreSQL {pg_cpu.get('postgres_cpu_us_per_msg')}")
+        lines.append(
+            f"| chat server CPU per message: netra ≤ FastAPI's / 2 ({fastapi_cpu / 2:.1f}) and ≤ node-ws's "
+            f"({node_cpu}) µs; netra-pg ≤ FastAPI's ({fastapi_cpu}) µs, netra's process | {show(a)} | "
+            f"{show(b)}{pg_note} | {verdict(a is not None and a <= limit, b is not None and b <= fastapi_cpu)} |")
+    for name, scen, path in (
+        ("chat p99 ms to final_report ≤ FastAPI's", "chat", ("to_final_report", "p99")),
+        ("fan-out p99 ms, each event at each tab, ≤ FastAPI's", "fanout", ("delivery_each_event", "p99")),
+    ):
+        peer = get("fastapi", scen, path)
+        median, shown = median_of_netra(scen, path)
+        pg = get("netra-pg", scen, path)
+        if peer is not None:
+            lines.append(f"| {name} ({peer}) | {shown} | {show(pg)} | "
+                         f"{verdict(median is not None and median <= peer, pg is not None and pg <= peer)} |")
+    a, b = get("netra", "connect", ("rss_kib_per_conn",)), get("netra-pg", "connect", ("rss_kib_per_conn",))
+    lines.append(f"| RSS per idle connection ≤ 4 KiB (10k storm) | {show(a)} | {show(b)} | "
+                 f"{verdict(a is not None and a <= 4, b is not None and b <= 4)} |")
+    if idle is not None:
+        kib = num(idle.get("rss_kib_per_conn"))
+        lines.append(f"| RSS per idle connection ≤ 4 KiB, {idle.get('opened')} held by one process | "
+                     f"{show(kib)} | — | {'yes' if kib is not None and kib <= 4 else 'no'} |")
+    path = ("exec_to_ready_ms", "median")
+    a, b = get("netra", "ready", path), get("netra-pg", "ready", path)
+    lines.append(f"| exec → ready median ≤ 30 ms | {show(a)} | {show(b)} | "
+                 f"{verdict(a is not None and a <= 30, b is not None and b <= 30)} |")
     faults = 0
     for label in ("netra", "netra-pg"):
         chat = rows.get(label, {}).get("chat", {})
@@ -128,7 +144,7 @@ def targets(rows, own_path):
             faults += chat.get(k, 0) or 0
         for k in ("lost_events", "duplicate_events", "out_of_order_runs", "error_frames"):
             faults += fan.get(k, 0) or 0
-    for r in repeats.get("chat", []) + repeats.get("fanout", []):
+    for r in repeats.get("chat", []) + repeats.get("fanout", []) + ([pg_cpu] if pg_cpu else []):
         for k in ("errors", "failed_runs", "timeouts", "missing_events", "out_of_order_runs", "duplicate_events",
                   "lost_events", "error_frames"):
             faults += r.get(k, 0) or 0
@@ -165,6 +181,9 @@ def own(path):
                 p99 = dig(r, ("to_final_report", "p99")) if scen == "chat" else dig(r, ("delivery_each_event", "p99"))
                 cpu = r.get("server_cpu_us_per_msg") if scen == "chat" else r.get("server_cpu_us_per_run")
                 other.append(f"| {scen} again ({label}): p99 ms / server CPU µs | {p99} / {cpu} |")
+            elif scen == "postgres_cpu":
+                other.append(f"| netra-pg chat again: netra's CPU / PostgreSQL's CPU µs per message | "
+                             f"{r.get('server_cpu_us_per_msg')} / {r.get('postgres_cpu_us_per_msg')} |")
             elif scen == "first_token":
                 other.append(f"| provider first token → client partial_result, p50 / p99 µs | {r.get('p50_us')} / {r.get('p99_us')} |")
     return "\n".join(persist) + "\n\n" + "\n".join(other)
@@ -184,13 +203,13 @@ def main():
     print(r)
     print("\nnetra's own scenarios:\n")
     print(o)
-    print("\nTargets of #12:\n")
+    print("\nTargets of #18:\n")
     print(t)
     if a.append:
         with open(a.append, "a") as f:
             f.write("\n## netra's ratio to each peer\n\nSame run as the table above; >1 means netra is better.\n\n")
             f.write(r + "\n")
-            f.write("\n## Targets (#12)\n\nFrom this run. Where one is missed, `bench/PROFILE.md` has the "
+            f.write("\n## Targets (#18)\n\nFrom this run. Where one is missed, `bench/PROFILE.md` has the "
                     "profile, the reason and what it would take.\n\n" + t + "\n")
             f.write("\n## netra's own scenarios\n\nPersisted events through the real delivery path "
                     "(`cargo run --release --example persist`): N producers, each appending to its own thread; "
