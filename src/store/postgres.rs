@@ -98,8 +98,9 @@ impl Writer {
                     let mut conn = PgConnection::connect_with(&self.options).await?;
                     // A generic plan is made once, for the tables as they were then: one
                     // made while `runs` was empty scans it whole for every run ending
-                    // ever after. A plan per batch sees its arrays' sizes and today's tables.
-                    sqlx::query("SET plan_cache_mode = force_custom_plan").execute(&mut conn).await?;
+                    // ever after. Every table this statement reads it reads by primary
+                    // key, so a plan that scans a table is never the right one for it.
+                    sqlx::query("SET enable_seqscan = off").execute(&mut conn).await?;
                     Ok::<_, sqlx::Error>(conn)
                 };
                 let conn = tokio::time::timeout(self.connect_timeout, connect)
