@@ -373,3 +373,25 @@ async fn the_postgres_writer_reconnects_after_its_connection_is_killed() {
     drop(store);
     sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&mut admin).await.expect("drop database");
 }
+
+#[tokio::test]
+async fn postgres_run_rows_without_events_still_need_their_thread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(Backend::Postgres, &dir).await;
+    let thread = unique("th");
+    store.write_batch(&vec![new_thread_job(&thread, "u")].into()).await.expect("create");
+    let (run, early) = (unique("run"), unique("run"));
+    let bare = |thread: &str, rows| WriteJob { thread_id: thread.into(), rows, events: vec![] };
+    // Rows with no event of their thread in the batch: the thread is still checked.
+    store.write_batch(&vec![bare(&thread, vec![start(&run)])].into()).await.expect("an existing thread");
+    assert_eq!(store.run_status(&run).await.expect("run"), "running");
+    let missing = store.write_batch(&vec![bare(&unique("th-missing"), vec![start(&unique("run"))])].into()).await;
+    assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
+    // An ending seen before its start in one batch still ends the run.
+    store
+        .write_batch(&vec![bare(&thread, vec![end(&early, "completed")]), bare(&thread, vec![start(&early)])].into())
+        .await
+        .expect("ending first");
+    assert_eq!(store.run_status(&early).await.expect("early"), "completed");
+    assert_eq!(store.thread(&thread).await.expect("thread").last_seq, 1, "no seq handed out");
+}

@@ -74,9 +74,10 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_) => Self::Unavailable(Box::new(e)),
-            // PostgreSQL's classes 08 (connection exception) and 57 (operator
-            // intervention: shutting down, starting up) say the server is away.
-            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")) => {
+            // PostgreSQL's class 08 (connection exception) and 57P (shutting down,
+            // crashed, starting up) say the server is away; 57014, a cancelled statement,
+            // does not.
+            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) => {
                 Self::Unavailable(Box::new(e))
             }
             other => Self::Rejected(Box::new(other)),
@@ -570,10 +571,13 @@ impl Store {
         self.owners.remove(thread_id);
         self.history.forget(thread_id);
         let mut tx = self.pool.begin().await?;
+        // The thread row first: a batch writing the thread holds its lock, so this waits
+        // for that batch to commit, and the deletes below then see its rows; a batch that
+        // comes after finds no thread. (PostgreSQL's event tables have no cascade.)
+        sqlx::query("DELETE FROM threads WHERE id = $1").bind(thread_id).execute(&mut *tx).await?;
         for table in ["events", "messages", "runs"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE thread_id = $1")).bind(thread_id).execute(&mut *tx).await?;
         }
-        sqlx::query("DELETE FROM threads WHERE id = $1").bind(thread_id).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -237,6 +237,15 @@ struct Run<'a> {
     completion_tokens: Option<i64>,
 }
 
+impl<'a> Run<'a> {
+    fn take_ending(&mut self, end: &Run<'a>) {
+        self.status = end.status;
+        self.error = end.error;
+        self.prompt_tokens = end.prompt_tokens;
+        self.completion_tokens = end.completion_tokens;
+    }
+}
+
 impl<'a> Columns<'a> {
     fn of(batch: &Batch<'a>) -> Self {
         let mut c = Self::default();
@@ -251,12 +260,22 @@ impl<'a> Columns<'a> {
                 }
             }
         }
-        for (thread, n) in &batch.totals {
-            if !c.created_ids.contains(thread) {
-                c.allocated_ids.push(thread);
-                c.allocated_events.push(*n);
+        // Every existing thread a row needs is locked, a thread with no events in the
+        // batch too (0 seq handed out): a message or run row of a job without events
+        // still finds its thread's base, or fails the batch if the thread is gone.
+        let mut allocated: Vec<(&str, i64)> =
+            batch.totals.iter().filter(|(thread, _)| !c.created_ids.contains(thread)).copied().collect();
+        for job in batch.jobs {
+            let thread = job.thread_id.as_str();
+            let needs_base = job.rows.iter().any(|r| matches!(r, Row::Message { .. } | Row::StartRun { .. }));
+            if needs_base && !c.created_ids.contains(&thread) && !allocated.iter().any(|(t, _)| *t == thread) {
+                allocated.push((thread, 0));
             }
         }
+        // Locked in id order, the same on every node: two nodes' batches that share
+        // threads wait for each other instead of deadlocking.
+        allocated.sort_unstable_by_key(|(thread, _)| *thread);
+        (c.allocated_ids, c.allocated_events) = allocated.into_iter().unzip();
         let mut placed: HashMap<&str, i64> = HashMap::with_capacity(batch.totals.len());
         for job in batch.jobs {
             let thread = job.thread_id.as_str();
@@ -291,33 +310,32 @@ impl<'a> Columns<'a> {
                 self.message_contents.push(content);
                 self.message_runs.push(run_id.as_deref());
             }
-            Row::StartRun { run_id, user_id, node_id } => self.starts.push(Run {
-                id: run_id,
-                thread_id,
-                user_id,
-                node_id,
-                status: "running",
-                error: None,
-                prompt_tokens: None,
-                completion_tokens: None,
-            }),
+            Row::StartRun { run_id, user_id, node_id } => {
+                let mut start = Run { id: run_id, thread_id, user_id, node_id, status: "running", ..Run::default() };
+                // An ending that came first (not in today's order of writes) goes with it.
+                if let Some(i) = self.ends.iter().position(|r| r.id == run_id) {
+                    start.take_ending(&self.ends.remove(i));
+                }
+                self.starts.push(start);
+            }
             Row::EndRun { run_id, status, error, prompt_tokens, completion_tokens } => {
-                let ending = |run: &mut Run<'a>| {
-                    run.status = status;
-                    run.error = error.as_deref();
-                    run.prompt_tokens = *prompt_tokens;
-                    run.completion_tokens = *completion_tokens;
+                let end = Run {
+                    id: run_id,
+                    thread_id,
+                    status,
+                    error: error.as_deref(),
+                    prompt_tokens: *prompt_tokens,
+                    completion_tokens: *completion_tokens,
+                    ..Run::default()
                 };
                 // The statement's parts see one snapshot: a run inserted by it cannot be
                 // updated by it, so it is inserted ended. A run ended twice keeps the last.
                 if let Some(run) = self.starts.iter_mut().find(|r| r.id == run_id) {
-                    ending(run);
+                    run.take_ending(&end);
                 } else if let Some(run) = self.ends.iter_mut().find(|r| r.id == run_id) {
-                    ending(run);
+                    run.take_ending(&end);
                 } else {
-                    let mut run = Run { id: run_id, thread_id, ..Run::default() };
-                    ending(&mut run);
-                    self.ends.push(run);
+                    self.ends.push(end);
                 }
             }
         }
