@@ -370,6 +370,18 @@ async fn the_postgres_writer_reconnects_after_its_connection_is_killed() {
     };
     assert_eq!(seq, 2, "nothing half-written");
     assert_eq!(store.events_after(&thread, 0, 10, usize::MAX).await.expect("read").len(), 2);
+    // A connection that sat idle is checked before use: after the server dropped it, the
+    // first write and the first user recorded succeed.
+    store.upsert_user("idle-user", Some("a@example.com"), None).await.expect("a user on a fresh connection");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db)
+        .execute(&mut admin)
+        .await
+        .expect("terminate");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let firsts = store.write_batch(&vec![append_job(&thread, 1)].into()).await.expect("the first write after idling");
+    assert_eq!(firsts, vec![3]);
+    store.upsert_user("idle-user-2", None, Some("B")).await.expect("the first user after idling");
     drop(store);
     sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&mut admin).await.expect("drop database");
 }

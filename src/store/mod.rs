@@ -9,8 +9,8 @@
 //! [`sqlite`] is SQLite's writer thread, which runs every batch of events on its own
 //! rusqlite connection, and the history read; [`postgres`] holds PostgreSQL's writer
 //! connection, which writes a batch as one statement of arrays (typed sqlx, prepared
-//! once), and records users in batches; [`cache`] and [`history`] are what
-//! this node remembers between calls.
+//! once), and the user recorder's, which records users in batches the same way;
+//! [`cache`] and [`history`] are what this node remembers between calls.
 
 /// What recording a user who exists already does: absent claims keep stored ones.
 macro_rules! user_conflict {
@@ -328,7 +328,10 @@ impl Store {
             DatabaseUrl::Postgres(url) => {
                 store.writer = Some(Writer::Postgres(Arc::new(postgres::Writer::new(url.expose(), timeout)?)));
                 let (queue, requests) = tokio::sync::mpsc::channel(4096);
-                tokio::spawn(postgres::record_users(store.pool.clone(), requests));
+                tokio::spawn(postgres::record_users(
+                    postgres::Own::new(url.expose(), timeout, "netra users")?,
+                    requests,
+                ));
                 store.user_queue = Some(queue);
             }
         }

@@ -9,10 +9,10 @@
 
 use std::collections::HashMap;
 use std::str::FromStr as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError};
-use sqlx::{AnyPool, Connection as _, Row as _};
+use sqlx::{Connection as _, Row as _};
 use tokio::sync::Mutex;
 
 use super::{Batch, NewUser, Result, Row, StoreError, WriteJob, shared_outcome};
@@ -70,53 +70,81 @@ WITH created AS (
 )
 SELECT id, last_seq FROM allocated";
 
-/// The connection the writer holds, opened on first use and again after a failure that
-/// may have left it unusable. One connection, one batch at a time: the writer task is
-/// its only user.
-pub(super) struct Writer {
+/// A connection of its own for one task (the batch writer, the user recorder), opened
+/// on first use and again after a failure that may have left it unusable.
+pub(super) struct Own {
     options: PgConnectOptions,
     connect_timeout: Duration,
-    conn: Mutex<Option<PgConnection>>,
+    conn: Option<PgConnection>,
+    /// When the connection last did work: one idle past [`IDLE_CHECK`] is pinged first.
+    used_at: Instant,
 }
 
-impl Writer {
-    pub(super) fn new(url: &str, connect_timeout: Duration) -> Result<Self> {
-        let options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Unavailable(Box::new(e)))?
-            .application_name("netra writer");
-        Ok(Self { options, connect_timeout, conn: Mutex::new(None) })
+/// Idle time after which a connection is pinged before use: a server restarted while it
+/// sat idle would otherwise fail the first batch after it (a lost answer cannot be retried
+/// blindly: the batch may have committed). Under load no batch pays for the ping.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+impl Own {
+    /// `name` is what `pg_stat_activity` shows as its `application_name`.
+    pub(super) fn new(url: &str, connect_timeout: Duration, name: &str) -> Result<Self> {
+        let options =
+            PgConnectOptions::from_str(url).map_err(|e| StoreError::Unavailable(Box::new(e)))?.application_name(name);
+        Ok(Self { options, connect_timeout, conn: None, used_at: Instant::now() })
     }
 
-    /// [`Store::write_batch`](super::Store::write_batch) on PostgreSQL: returns each
-    /// job's first seq (0 for a job without events).
-    pub(super) async fn write(&self, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
-        let mut slot = self.conn.lock().await;
-        let conn = match &mut *slot {
+    /// Runs `work` on the connection; whatever state an error that is not the database's
+    /// answer about the data left it in, the next call starts on a new one.
+    async fn run<T>(&mut self, work: impl AsyncFnOnce(&mut PgConnection) -> Result<T>) -> Result<T> {
+        if self.used_at.elapsed() > IDLE_CHECK
+            && let Some(conn) = &mut self.conn
+            && conn.ping().await.is_err()
+        {
+            self.conn = None;
+        }
+        self.used_at = Instant::now();
+        let conn = match &mut self.conn {
             Some(conn) => conn,
             None => {
                 let connect = async {
                     let mut conn = PgConnection::connect_with(&self.options).await?;
                     // A generic plan is made once, for the tables as they were then: one
                     // made while `runs` was empty scans it whole for every run ending
-                    // ever after. Every table this statement reads it reads by primary
-                    // key, so a plan that scans a table is never the right one for it.
+                    // ever after. Every table these statements read they read by primary
+                    // key, so a plan that scans a table is never the right one for them.
                     sqlx::query("SET enable_seqscan = off").execute(&mut conn).await?;
                     Ok::<_, sqlx::Error>(conn)
                 };
                 let conn = tokio::time::timeout(self.connect_timeout, connect)
                     .await
                     .map_err(|e| StoreError::Unavailable(Box::new(e)))??;
-                slot.insert(conn)
+                self.conn.insert(conn)
             }
         };
-        let result = write_batch(conn, jobs, now).await;
+        let result = work(conn).await;
         if let Err(e) = &result
             && !answered(e)
         {
-            // Whatever state the connection is in, the next batch starts on a new one.
-            *slot = None;
+            self.conn = None;
         }
         result
+    }
+}
+
+/// The batch writer's connection: one batch at a time, the writer task is its only user.
+pub(super) struct Writer {
+    own: Mutex<Own>,
+}
+
+impl Writer {
+    pub(super) fn new(url: &str, connect_timeout: Duration) -> Result<Self> {
+        Ok(Self { own: Mutex::new(Own::new(url, connect_timeout, "netra writer")?) })
+    }
+
+    /// [`Store::write_batch`](super::Store::write_batch) on PostgreSQL: returns each
+    /// job's first seq (0 for a job without events).
+    pub(super) async fn write(&self, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
+        self.own.lock().await.run(async |conn| write_batch(conn, jobs, now).await).await
     }
 }
 
@@ -159,37 +187,37 @@ async fn write_batch(conn: &mut PgConnection, jobs: &[WriteJob], now: i64) -> Re
 /// A user to record and who waits for it.
 pub(super) type UserRequest = (NewUser, tokio::sync::oneshot::Sender<Result<()>>);
 
-/// PostgreSQL's user recorder: every user queued goes into one statement, so a storm of
-/// new connections is not a storm of round trips. Ends when every [`Store`] is dropped.
-pub(super) async fn record_users(pool: AnyPool, mut requests: tokio::sync::mpsc::Receiver<UserRequest>) {
+/// Records a batch of users in one statement; the last claims of a user win.
+const RECORD_USERS: &str = concat!(
+    "INSERT INTO users (id, email, name, created_at) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])",
+    user_conflict!()
+);
+
+/// PostgreSQL's user recorder, on a connection of its own: every user queued goes into
+/// one statement, so a storm of new connections is not a storm of round trips. Ends when
+/// every [`Store`](super::Store) is dropped.
+pub(super) async fn record_users(mut own: Own, mut requests: tokio::sync::mpsc::Receiver<UserRequest>) {
     let mut batch = Vec::new();
     while requests.recv_many(&mut batch, 500).await > 0 {
-        let result = {
-            // One row per user: one statement may not update a row twice. The last claims win.
-            let mut index: HashMap<&str, usize> = HashMap::new();
-            let mut rows: Vec<&NewUser> = Vec::new();
-            for (user, _) in &batch {
-                match index.get(user.id.as_str()) {
-                    Some(&i) => rows[i] = user,
-                    None => {
-                        index.insert(&user.id, rows.len());
-                        rows.push(user);
-                    }
+        // One row per user: one statement may not update a row twice. The last claims win.
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut rows: Vec<&NewUser> = Vec::new();
+        for (user, _) in &batch {
+            match index.get(user.id.as_str()) {
+                Some(&i) => rows[i] = user,
+                None => {
+                    index.insert(&user.id, rows.len());
+                    rows.push(user);
                 }
             }
-            let mut ph = Placeholders::default();
-            let values: Vec<String> = rows.iter().map(|_| ph.row(4)).collect();
-            let sql = format!(
-                "INSERT INTO users (id, email, name, created_at) VALUES {}{}",
-                values.join(", "),
-                user_conflict!()
-            );
-            let mut query = sqlx::query(&sql);
-            for user in &rows {
-                query = query.bind(&user.id).bind(&user.email).bind(&user.name).bind(user.created_at);
-            }
-            query.execute(&pool).await.map(|_| ()).map_err(StoreError::from)
-        };
+        }
+        let query = sqlx::query(RECORD_USERS)
+            .bind(rows.iter().map(|u| u.id.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|u| u.email.as_deref()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|u| u.name.as_deref()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|u| u.created_at).collect::<Vec<_>>());
+        let result = own.run(async |conn| query.execute(conn).await.map(|_| ()).map_err(StoreError::from)).await;
         for (_, reply) in batch.drain(..) {
             let _ = reply.send(shared_outcome(&result));
         }
@@ -378,23 +406,5 @@ impl<'a> Columns<'a> {
             .bind(ends.iter().map(|r| r.error).collect::<Vec<_>>())
             .bind(ends.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>())
             .bind(ends.iter().map(|r| r.completion_tokens).collect::<Vec<_>>())
-    }
-}
-
-/// PostgreSQL's numbered placeholders (`$1`, `$2`, …) in order of appearance.
-#[derive(Default)]
-struct Placeholders {
-    n: usize,
-}
-
-impl Placeholders {
-    fn next(&mut self) -> String {
-        self.n += 1;
-        format!("${}", self.n)
-    }
-
-    /// `(p, p, …)` for one row of `cols` bound values.
-    fn row(&mut self, cols: usize) -> String {
-        format!("({})", (0..cols).map(|_| self.next()).collect::<Vec<_>>().join(", "))
     }
 }
