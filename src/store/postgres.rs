@@ -1,5 +1,6 @@
 //! PostgreSQL's side of the store: the batch writer and the task that records users in
-//! batches. Reads share the sqlx pool with SQLite and live in the facade.
+//! batches, each on a typed connection of its own ([`Own`]). Reads share the sqlx `Any`
+//! pool with SQLite and live in the facade.
 //!
 //! A batch is one statement ([`WRITE_BATCH`]): every column travels as an array, so its
 //! text never changes (prepared once per connection), and one statement is one round
