@@ -862,43 +862,49 @@ struct Batch<'a> {
     jobs: &'a [WriteJob],
     /// Events per thread of the batch, in order of first appearance.
     totals: Vec<(&'a str, i64)>,
+    /// Each job's place among its thread's events in the batch: that of its first event
+    /// (or of the next one, for a job without events), from 1.
+    places: Vec<i64>,
 }
 
 impl<'a> Batch<'a> {
     fn new(jobs: &'a [WriteJob]) -> Self {
         let mut totals: Vec<(&str, i64)> = Vec::new();
-        for job in jobs.iter().filter(|j| !j.events.is_empty()) {
+        let mut placed: HashMap<&str, i64> = HashMap::new();
+        let mut places = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let before = placed.entry(&job.thread_id).or_insert(0);
+            places.push(*before + 1);
+            *before += job.events.len() as i64;
+            if job.events.is_empty() {
+                continue;
+            }
             match totals.iter_mut().find(|(t, _)| *t == job.thread_id) {
                 Some((_, n)) => *n += job.events.len() as i64,
                 None => totals.push((&job.thread_id, job.events.len() as i64)),
             }
         }
-        Self { jobs, totals }
+        Self { jobs, totals, places }
     }
 
     /// The first `seq` of each job, from the `(id, last_seq)` each thread reached in the
     /// writing transaction. A thread that is missing or deleted fails the batch (`NotFound`).
     fn firsts(&self, handed_out: Vec<(String, i64)>) -> Result<Vec<i64>> {
-        let mut next: HashMap<&str, i64> = HashMap::with_capacity(self.totals.len());
+        // The seq each thread had before the batch.
+        let mut before: HashMap<&str, i64> = HashMap::with_capacity(self.totals.len());
         for (id, last) in &handed_out {
             if let Some((thread, n)) = self.totals.iter().find(|(t, _)| t == id) {
-                next.insert(thread, last - n + 1);
+                before.insert(thread, last - n);
             }
         }
-        if next.len() != self.totals.len() {
+        if before.len() != self.totals.len() {
             return Err(StoreError::NotFound);
         }
         Ok(self
             .jobs
             .iter()
-            .map(|job| match next.get_mut(job.thread_id.as_str()) {
-                Some(seq) => {
-                    let first = *seq;
-                    *seq += job.events.len() as i64;
-                    first
-                }
-                None => 0,
-            })
+            .zip(&self.places)
+            .map(|(job, place)| before.get(job.thread_id.as_str()).map_or(0, |seq| seq + place))
             .collect())
     }
 }

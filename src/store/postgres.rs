@@ -305,12 +305,8 @@ impl<'a> Columns<'a> {
         // threads wait for each other instead of deadlocking.
         allocated.sort_unstable_by_key(|(thread, _)| *thread);
         (c.allocated_ids, c.allocated_events) = allocated.into_iter().unzip();
-        let mut placed: HashMap<&str, i64> = HashMap::with_capacity(batch.totals.len());
-        for job in batch.jobs {
+        for (job, &first) in batch.jobs.iter().zip(&batch.places) {
             let thread = job.thread_id.as_str();
-            let before = placed.entry(thread).or_insert(0);
-            let first = *before + 1;
-            *before += job.events.len() as i64;
             for (i, event) in job.events.iter().enumerate() {
                 c.event_threads.push(thread);
                 c.event_places.push(first + i as i64);
