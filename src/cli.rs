@@ -141,8 +141,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     })?;
     let bound = listener.local_addr().context("while reading the bound address")?;
-    println!("listening on http://{bound}");
-    let _ = std::io::stdout().flush();
+    // Not `println!`: a closed stdout must not stop the server.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "listening on http://{bound}").and_then(|()| stdout.flush());
     match netra::serve(config, listener, shutdown_signal()).await {
         Ok(()) => Ok(()),
         Err(netra::ServeError::Startup(failure)) => {

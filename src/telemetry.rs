@@ -47,7 +47,12 @@ pub mod metric {
 /// Sets up logging once per process; a second call is a no-op.
 pub fn init_logging(filter: &str, format: LogFormat) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A log line that cannot be written (stderr on a full disk, a closed pipe) is lost,
+    // never fatal: the subscriber's own report of it goes through `eprintln!`, which
+    // panics when stderr fails, and that panic unwound whatever task was logging (a run
+    // telling its tabs that its ending could not be stored, in the disk-full test).
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
     let _ = match format {
         LogFormat::Pretty => builder.compact().try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
