@@ -407,3 +407,99 @@ async fn postgres_run_rows_without_events_still_need_their_thread() {
     assert_eq!(store.run_status(&early).await.expect("early"), "completed");
     assert_eq!(store.thread(&thread).await.expect("thread").last_seq, 1, "no seq handed out");
 }
+
+/// The schema as it was before events and messages were filed under thread numbers
+/// (versions 1 to 6), with rows in it, written without the store.
+async fn old_database(backend: Backend, dir: &tempfile::TempDir) -> DatabaseUrl {
+    use sqlx::Connection;
+    const OLD: [(i64, &str, Option<Backend>); 6] = [
+        (1, include_str!("../src/store/migrations/0001_init.sql"), None),
+        (2, include_str!("../src/store/migrations/0002_run_usage.sql"), None),
+        (3, include_str!("../src/store/migrations/0003_threads_by_owner.sql"), None),
+        (4, include_str!("../src/store/migrations/0004_running_runs.sql"), None),
+        (5, include_str!("../src/store/migrations/0005_nodes.sql"), None),
+        (
+            6,
+            include_str!("../src/store/migrations/0006_postgres_events_without_foreign_keys.sql"),
+            Some(Backend::Postgres),
+        ),
+    ];
+    let mut statements =
+        vec!["CREATE TABLE netra_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)".to_string()];
+    for (version, sql, only) in OLD {
+        if only.is_none_or(|b| b == backend) {
+            let code: Vec<&str> = sql.lines().filter(|l| !l.trim_start().starts_with("--")).collect();
+            statements.extend(code.join("\n").split(';').filter(|s| !s.trim().is_empty()).map(str::to_string));
+        }
+        statements.push(format!("INSERT INTO netra_migrations VALUES ({version}, 0)"));
+    }
+    for (thread, owner, last_seq) in [("th_old_a", "ann", 3), ("th_old_b", "bob", 2)] {
+        statements.push(format!(
+            "INSERT INTO threads (id, owner_id, title, created_at, updated_at, last_seq) \
+             VALUES ('{thread}', '{owner}', 'old', 1, 1, {last_seq})"
+        ));
+        for seq in 1..=last_seq {
+            statements.push(format!(
+                "INSERT INTO events (thread_id, seq, run_id, type, payload, created_at) \
+                 VALUES ('{thread}', {seq}, 'run_old', 'partial_result', '{{\"n\":{seq}}}', '2026-01-01T00:00:00Z')"
+            ));
+            statements.push(format!(
+                "INSERT INTO messages (id, thread_id, seq, role, content, created_at) \
+                 VALUES ('msg_{thread}_{seq}', '{thread}', {seq}, 'user', 'said {seq} in {thread}', 1)"
+            ));
+        }
+    }
+    match backend {
+        Backend::Sqlite => {
+            let path = dir.path().join("old.db");
+            let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path).create_if_missing(true);
+            let mut conn = sqlx::SqliteConnection::connect_with(&options).await.expect("sqlite");
+            for s in &statements {
+                sqlx::query(s).execute(&mut conn).await.unwrap_or_else(|e| panic!("{s}: {e}"));
+            }
+            DatabaseUrl::Sqlite(path)
+        }
+        Backend::Postgres => {
+            let url = fresh_pg_url().await;
+            let mut conn = sqlx::PgConnection::connect(&url).await.expect("postgres");
+            for s in &statements {
+                sqlx::query(s).execute(&mut conn).await.unwrap_or_else(|e| panic!("{s}: {e}"));
+            }
+            DatabaseUrl::Postgres(Secret::new(url))
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_older_database_keeps_its_events_and_messages_when_filed_under_thread_numbers() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = old_database(backend, &dir).await;
+        let store = Store::connect(&url, Duration::from_secs(10)).await.expect("the store migrates");
+        let (a, b) = ("th_old_a", "th_old_b");
+        let seqs = |events: Vec<netra::protocol::EventFrame>| events.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(store.events_after(a, 0, 100, usize::MAX).await.expect("a")), vec![1, 2, 3], "{backend:?}");
+        let b_events = store.events_after(b, 1, 100, usize::MAX).await.expect("b");
+        assert_eq!(seqs(b_events.clone()), vec![2], "{backend:?}");
+        assert_eq!(b_events[0].payload.get(), "{\"n\":2}", "{backend:?}");
+        let (messages, total) = store.messages(b, 10, 0).await.expect("messages");
+        assert_eq!(total, 2, "{backend:?}");
+        let texts: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["said 1 in th_old_b", "said 2 in th_old_b"], "{backend:?}");
+        assert_eq!(store.thread(a).await.expect("thread").message_count, 3, "{backend:?}");
+        assert_eq!(history(&store, a, 2).await, ["said 2 in th_old_a", "said 3 in th_old_a"], "{backend:?}");
+        // Writing goes on from where the old rows stopped; a new thread gets a number of
+        // its own, so its events are not mixed with the old threads'.
+        assert_eq!(store.write_batch(&vec![append_job(a, 2)].into()).await.expect("append"), vec![4], "{backend:?}");
+        let c = unique("th");
+        store.write_batch(&vec![new_thread_job(&c, "carl")].into()).await.expect("new thread");
+        store.create_thread(&unique("th"), "dee", "empty", &serde_json::json!({})).await.expect("REST thread");
+        assert_eq!(seqs(store.events_after(&c, 0, 100, usize::MAX).await.expect("c")), vec![1], "{backend:?}");
+        assert_eq!(seqs(store.events_after(a, 0, 100, usize::MAX).await.expect("a")), vec![1, 2, 3, 4, 5]);
+        // A purge takes the thread's rows and nobody else's.
+        store.purge_thread(a).await.expect("purge");
+        assert!(store.events_after(a, 0, 100, usize::MAX).await.expect("a").is_empty(), "{backend:?}");
+        assert_eq!(store.messages(a, 10, 0).await.expect("a").1, 0, "{backend:?}");
+        assert_eq!(store.messages(b, 10, 0).await.expect("b").1, 2, "{backend:?}");
+    }
+}

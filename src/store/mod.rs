@@ -3,6 +3,9 @@
 //! this module only. Multi-row writes are single transactions: a failed one leaves
 //! nothing behind. Sequence numbers are handed out inside the writing transaction from
 //! the thread row, so they stay dense and unique under concurrent writers on any node.
+//! Events and messages are filed under the thread's number (`threads.num`, an integer)
+//! rather than its text id: theirs are the indexes a chat writes most (migration 0009).
+//! The API speaks thread ids; reads find the number by the id in the same statement.
 //!
 //! Who owns what: this module is the facade (the API, its types and errors, the reads and
 //! REST writes through the sqlx pool, the plan that hands out `seq` numbers to a batch);
@@ -17,6 +20,15 @@ macro_rules! user_conflict {
     () => {
         " ON CONFLICT (id) DO UPDATE SET email = COALESCE(excluded.email, users.email), \
          name = COALESCE(excluded.name, users.name)"
+    };
+}
+
+/// A new thread's number on SQLite, which has no identity columns: one past the highest,
+/// read from the end of `threads_num` (writers are serialized by the database's write
+/// lock). PostgreSQL's column numbers new threads itself.
+macro_rules! sqlite_next_thread_num {
+    () => {
+        "(SELECT IFNULL(MAX(num), 0) + 1 FROM threads)"
     };
 }
 
@@ -96,6 +108,9 @@ const MIGRATIONS: &[(i64, &str, Option<Backend>)] = &[
     (4, include_str!("migrations/0004_running_runs.sql"), None),
     (5, include_str!("migrations/0005_nodes.sql"), None),
     (6, include_str!("migrations/0006_postgres_events_without_foreign_keys.sql"), Some(Backend::Postgres)),
+    (7, include_str!("migrations/0007_sqlite_thread_numbers.sql"), Some(Backend::Sqlite)),
+    (8, include_str!("migrations/0008_postgres_thread_numbers.sql"), Some(Backend::Postgres)),
+    (9, include_str!("migrations/0009_events_by_thread_number.sql"), None),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,7 +379,8 @@ impl Store {
             if applied.is_some() {
                 continue;
             }
-            let statements = sql.split(';').map(str::trim).filter(|s| !s.is_empty() && !is_comment_only(s));
+            let code = without_comments(sql);
+            let statements = code.split(';').map(str::trim).filter(|s| !s.is_empty());
             for statement in statements.filter(|_| only.is_none_or(|backend| backend == self.backend)) {
                 sqlx::query(statement)
                     .execute(&mut *tx)
@@ -505,17 +521,26 @@ impl Store {
     ) -> Result<Thread> {
         let now = now_ms();
         let metadata = metadata_text(metadata)?;
-        sqlx::query(
-            "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
-             VALUES ($1, $2, $3, $4, $5, $5, 0)",
-        )
-        .bind(thread_id)
-        .bind(owner_id)
-        .bind(title)
-        .bind(metadata)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+        let insert = match self.backend {
+            Backend::Sqlite => concat!(
+                "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq, num) \
+                 VALUES ($1, $2, $3, $4, $5, $5, 0, ",
+                sqlite_next_thread_num!(),
+                ")"
+            ),
+            Backend::Postgres => {
+                "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
+                 VALUES ($1, $2, $3, $4, $5, $5, 0)"
+            }
+        };
+        sqlx::query(insert)
+            .bind(thread_id)
+            .bind(owner_id)
+            .bind(title)
+            .bind(metadata)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
         self.thread(thread_id).await
     }
 
@@ -576,11 +601,17 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         // The thread row first: a batch writing the thread holds its lock, so this waits
         // for that batch to commit, and the deletes below then see its rows; a batch that
-        // comes after finds no thread. (PostgreSQL's event tables have no cascade.)
-        sqlx::query("DELETE FROM threads WHERE id = $1").bind(thread_id).execute(&mut *tx).await?;
-        for table in ["events", "messages", "runs"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE thread_id = $1")).bind(thread_id).execute(&mut *tx).await?;
+        // comes after finds no thread. (Events and messages have no cascade.)
+        let num: Option<i64> = sqlx::query_scalar("DELETE FROM threads WHERE id = $1 RETURNING num")
+            .bind(thread_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(num) = num {
+            for table in ["events", "messages"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE thread_num = $1")).bind(num).execute(&mut *tx).await?;
+            }
         }
+        sqlx::query("DELETE FROM runs WHERE thread_id = $1").bind(thread_id).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -589,7 +620,8 @@ impl Store {
     #[instrument(skip_all, fields(thread_id))]
     pub async fn messages(&self, thread_id: &str, limit: i64, offset: i64) -> Result<(Vec<Message>, i64)> {
         let rows = sqlx::query(
-            "SELECT id, role, content, created_at, metadata, seq FROM messages WHERE thread_id = $1 \
+            "SELECT id, role, content, created_at, metadata, seq FROM messages \
+             WHERE thread_num = (SELECT num FROM threads WHERE id = $1) \
              ORDER BY seq LIMIT $2 OFFSET $3",
         )
         .bind(thread_id)
@@ -597,10 +629,12 @@ impl Store {
         .bind(offset)
         .fetch_all(&self.pool)
         .await?;
-        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE thread_id = $1")
-            .bind(thread_id)
-            .fetch_one(&self.pool)
-            .await?;
+        let total: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM messages WHERE thread_num = (SELECT num FROM threads WHERE id = $1)",
+        )
+        .bind(thread_id)
+        .fetch_one(&self.pool)
+        .await?;
         let messages = rows.iter().map(message_from_row).collect::<Result<_>>()?;
         Ok((messages, total))
     }
@@ -682,7 +716,8 @@ impl Store {
     ) -> Result<Vec<EventFrame>> {
         let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
         let sizes: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT seq, LENGTH(payload) FROM events WHERE thread_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            "SELECT seq, LENGTH(payload) FROM events WHERE thread_num = (SELECT num FROM threads WHERE id = $1) \
+             AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(thread_id)
         .bind(after)
@@ -701,7 +736,7 @@ impl Store {
         let Some(upto) = upto else { return Ok(Vec::new()) };
         let rows = sqlx::query(
             "SELECT seq, run_id, type, agent_name, payload, created_at FROM events \
-             WHERE thread_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+             WHERE thread_num = (SELECT num FROM threads WHERE id = $1) AND seq > $2 AND seq <= $3 ORDER BY seq",
         )
         .bind(thread_id)
         .bind(after)
@@ -780,12 +815,14 @@ impl Store {
             time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(since_ms) * 1_000_000)
                 .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
         );
-        let first: Option<i64> =
-            sqlx::query_scalar("SELECT MIN(seq) FROM events WHERE thread_id = $1 AND created_at >= $2")
-                .bind(thread_id)
-                .bind(since)
-                .fetch_one(&self.pool)
-                .await?;
+        let first: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(seq) FROM events WHERE thread_num = (SELECT num FROM threads WHERE id = $1) \
+                 AND created_at >= $2",
+        )
+        .bind(thread_id)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(first.and_then(|s| u64::try_from(s).ok()))
     }
 
@@ -915,7 +952,7 @@ impl<'a> Batch<'a> {
 /// so rusqlite binds them by position.
 const RECENT_MESSAGES: &str = "SELECT id, role, content, created_at, metadata, seq, \
      (SELECT last_seq FROM threads WHERE id = $1) AS through_seq \
-     FROM messages WHERE thread_id = $1 ORDER BY seq DESC LIMIT $2";
+     FROM messages WHERE thread_num = (SELECT num FROM threads WHERE id = $1) ORDER BY seq DESC LIMIT $2";
 
 /// The most a thread's metadata may hold, as stored JSON. Every thread listing returns it.
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
@@ -933,7 +970,7 @@ fn metadata_text(metadata: &Value) -> Result<String> {
 }
 
 const THREAD_SELECT: &str = "SELECT t.id, t.owner_id, t.title, t.metadata, t.created_at, t.updated_at, t.last_seq, \
-     (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.id) AS message_count FROM threads t";
+     (SELECT COUNT(*) FROM messages m WHERE m.thread_num = t.num) AS message_count FROM threads t";
 
 fn thread_from_row(row: &AnyRow) -> Result<Thread> {
     let metadata: String = row.try_get("metadata")?;
@@ -961,6 +998,8 @@ fn message_from_row(row: &AnyRow) -> Result<Message> {
     })
 }
 
-fn is_comment_only(statement: &str) -> bool {
-    statement.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with("--"))
+/// A migration without its comment lines, so that statements can be split at semicolons
+/// whatever the comments say.
+fn without_comments(sql: &str) -> String {
+    sql.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n")
 }

@@ -24,32 +24,33 @@ use super::{Batch, NewUser, Result, Row, StoreError, WriteJob, shared_outcome};
 /// node, until commit: that is what keeps seq dense and unique. Sibling parts of one
 /// statement see the same snapshot, so a run that starts and ends in the batch is
 /// inserted with its ending ([`Columns::push_row`]). An event, message or run start of a
-/// thread that is missing or deleted has no base, hence a null `seq` or `thread_id`: the
-/// statement fails whole and the error reads as [`StoreError::NotFound`]. That is also
-/// why these tables need no foreign keys here (migration 0006): every row's thread is
-/// created or locked by the statement that writes it. A run starts in a job with events.
+/// thread that is missing or deleted has no base, hence a null `thread_num` (a run's
+/// `thread_id`): the statement fails whole and the error reads as [`StoreError::NotFound`].
+/// That is also why these tables need no foreign keys (migrations 0006, 0009): every
+/// row's thread is created or locked by the statement that writes it. Events and messages
+/// are filed under the thread's number (`num`), which the same parts return.
 const WRITE_BATCH: &str = "\
 WITH created AS (
     INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq)
     SELECT id, owner_id, title, '{}', $1, $1, n
     FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[]) AS c (id, owner_id, title, n)
-    RETURNING id, 0::bigint AS base
+    RETURNING id, num, 0::bigint AS base
 ), allocated AS (
     UPDATE threads t SET last_seq = t.last_seq + a.n, updated_at = $1
     FROM unnest($6::text[], $7::bigint[]) AS a (id, n)
     WHERE t.id = a.id AND t.deleted_at IS NULL
-    RETURNING t.id, t.last_seq AS last_seq, t.last_seq - a.n AS base
+    RETURNING t.id, t.num, t.last_seq AS last_seq, t.last_seq - a.n AS base
 ), bases AS (
-    SELECT id, base FROM created UNION ALL SELECT id, base FROM allocated
+    SELECT id, num, base FROM created UNION ALL SELECT id, num, base FROM allocated
 ), written_events AS (
-    INSERT INTO events (thread_id, seq, run_id, type, agent_name, payload, created_at)
-    SELECT e.thread_id, b.base + e.n, e.run_id, e.type, e.agent_name, e.payload, e.created_at
+    INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at)
+    SELECT b.num, b.base + e.n, e.run_id, e.type, e.agent_name, e.payload, e.created_at
     FROM unnest($8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])
         AS e (thread_id, n, run_id, type, agent_name, payload, created_at)
     LEFT JOIN bases b ON b.id = e.thread_id
 ), written_messages AS (
-    INSERT INTO messages (id, thread_id, seq, role, content, run_id, created_at)
-    SELECT m.id, m.thread_id, b.base + m.n, m.role, m.content, m.run_id, $1
+    INSERT INTO messages (id, thread_num, seq, role, content, run_id, created_at)
+    SELECT m.id, b.num, b.base + m.n, m.role, m.content, m.run_id, $1
     FROM unnest($15::text[], $16::text[], $17::bigint[], $18::text[], $19::text[], $20::text[])
         AS m (id, thread_id, n, role, content, run_id)
     LEFT JOIN bases b ON b.id = m.thread_id
@@ -164,9 +165,9 @@ async fn write_batch(conn: &mut PgConnection, jobs: &[WriteJob], now: i64) -> Re
     let columns = Columns::of(&batch);
     let rows = columns.query(now).fetch_all(&mut *conn).await.map_err(|e| match &e {
         sqlx::Error::Database(db)
-            if db
-                .try_downcast_ref::<PgDatabaseError>()
-                .is_some_and(|pg| pg.code() == "23502" && matches!(pg.column(), Some("seq" | "thread_id"))) =>
+            if db.try_downcast_ref::<PgDatabaseError>().is_some_and(|pg| {
+                pg.code() == "23502" && matches!(pg.column(), Some("seq" | "thread_num" | "thread_id"))
+            }) =>
         {
             StoreError::NotFound
         }

@@ -337,10 +337,12 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
     let batch = Batch::new(jobs);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
-        let mut create = tx.prepare_cached(
-            "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq) \
-             VALUES (?1, ?2, ?3, '{}', ?4, ?4, 0)",
-        )?;
+        let mut create = tx.prepare_cached(concat!(
+            "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq, num) \
+             VALUES (?1, ?2, ?3, '{}', ?4, ?4, 0, ",
+            sqlite_next_thread_num!(),
+            ")"
+        ))?;
         for job in jobs {
             for row in &job.rows {
                 if let Row::CreateThread { owner_id, title } = row {
@@ -350,27 +352,35 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
         }
     }
     let mut handed_out = Vec::with_capacity(batch.totals.len());
+    // Each thread's number, which its events and messages are filed under.
+    let mut nums: Vec<(&str, i64)> = Vec::with_capacity(batch.totals.len());
     {
         let mut allocate = tx.prepare_cached(
             "UPDATE threads SET last_seq = last_seq + ?2, updated_at = ?3 \
-             WHERE id = ?1 AND deleted_at IS NULL RETURNING last_seq",
+             WHERE id = ?1 AND deleted_at IS NULL RETURNING last_seq, num",
         )?;
         for (thread, n) in &batch.totals {
             let mut rows = allocate.query(rusqlite::params![thread, n, now])?;
             if let Some(row) = rows.next()? {
                 handed_out.push((thread.to_string(), row.get(0)?));
+                nums.push((thread, row.get(1)?));
             }
         }
     }
+    // A thread missing or deleted fails the batch here: no row of it is written.
     let firsts = batch.firsts(handed_out)?;
+    let num_of =
+        |thread: &str| nums.iter().find(|(t, _)| *t == thread).map(|(_, num)| *num).ok_or(StoreError::NotFound);
     let mut event = tx.prepare_cached(
-        "INSERT INTO events (thread_id, seq, run_id, type, agent_name, payload, created_at) \
+        "INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     for (job, first) in jobs.iter().zip(&firsts) {
+        // Messages come with their event: a job with either has its thread's number.
+        let num = if job.events.is_empty() { None } else { Some(num_of(&job.thread_id)?) };
         for (i, e) in job.events.iter().enumerate() {
             event.execute(rusqlite::params![
-                job.thread_id,
+                num,
                 first + i as i64,
                 e.run_id,
                 e.kind.as_str(),
@@ -384,12 +394,12 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
                 Row::CreateThread { .. } => {}
                 Row::Message { id, role, content, run_id, event_index } => {
                     tx.prepare_cached(
-                        "INSERT INTO messages (id, thread_id, seq, role, content, run_id, created_at) \
+                        "INSERT INTO messages (id, thread_num, seq, role, content, run_id, created_at) \
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     )?
                     .execute(rusqlite::params![
                         id,
-                        job.thread_id,
+                        num.ok_or(StoreError::NotFound)?,
                         first + *event_index as i64,
                         role,
                         content,
