@@ -11,35 +11,23 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use netra::auth::{Keys, TokenKind, User};
+use netra::client::{Auth, Client as Socket};
 use netra::config::Secret;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn open(url: &str, token: &str) -> Socket {
-    let mut request = url.into_client_request().expect("a ws:// URL");
-    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.expect("connect");
+    let mut socket = Socket::open(url, &Auth::Header(token.to_string())).await.expect("connect");
     let hello = next(&mut socket).await;
     assert_eq!(hello["payload"]["event"], "connection_established", "{hello}");
     socket
 }
 
 async fn next(socket: &mut Socket) -> Value {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
-            .await
-            .expect("a frame within 30 s")
-            .expect("the socket is open")
-            .expect("a frame");
-        if let Message::Text(text) = message {
-            return serde_json::from_str(text.as_str()).expect("JSON frames");
-        }
-    }
+    tokio::time::timeout(Duration::from_secs(30), socket.next_frame())
+        .await
+        .expect("a frame within 30 s")
+        .expect("a frame")
 }
 
 /// Arrival times (ms after `sent`) of one run's events, by seq, until its final report.
@@ -93,7 +81,7 @@ async fn main() {
         let text = format!("what is {i} + {i}?");
         let sent = Instant::now();
         let frame = json!({"type": "user_message", "payload": {"content": text, "thread_id": thread_id}});
-        on_a.send(Message::text(frame.to_string())).await.expect("send");
+        on_a.send(&frame).await.expect("send");
         let ((at_a, end_a), (at_b, _)) = tokio::join!(arrivals(&mut on_a, sent), arrivals(&mut on_b, sent));
         thread_id = end_a["thread_id"].as_str().map(str::to_string);
         let seqs_a: Vec<u64> = at_a.iter().map(|(s, _)| *s).collect();

@@ -29,15 +29,13 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures_util::{SinkExt, StreamExt};
 use netra::auth::{Keys, TokenKind, User};
+use netra::client::{Auth, Client};
 use netra::config::Secret;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{Notify, mpsc};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const WARMUP: usize = 10;
 /// Longest any single step (startup, one frame) may take before the benchmark gives up.
@@ -172,19 +170,9 @@ async fn start_netra(s: &Settings, fake: SocketAddr, secret: &str, data_dir: &st
 }
 
 /// The next text frame as JSON, with the instant it came off the socket.
-async fn next_frame<S>(ws: &mut S) -> (Value, Instant)
-where
-    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    loop {
-        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("a frame within the deadline");
-        let at = Instant::now();
-        match msg.expect("socket open").expect("socket read") {
-            Message::Text(t) => return (serde_json::from_str(t.as_str()).expect("frames are JSON"), at),
-            Message::Close(frame) => panic!("netra closed the socket: {frame:?}"),
-            _ => continue,
-        }
-    }
+async fn next_frame(ws: &mut Client) -> (Value, Instant) {
+    let frame = tokio::time::timeout(WAIT, ws.next_frame()).await.expect("a frame within the deadline");
+    (frame.expect("a frame from netra"), Instant::now())
 }
 
 /// Nearest-rank percentile of sorted samples, in microseconds.
@@ -204,9 +192,7 @@ async fn main() {
 
     let token =
         Keys::new(&Secret::new(secret.clone())).mint(&User::new("bench"), TokenKind::Access, Duration::from_secs(3600));
-    let mut request = format!("ws://{addr}/ws").into_client_request().expect("ws request");
-    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("header value"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("open the socket");
+    let mut ws = Client::open(&format!("ws://{addr}/ws"), &Auth::Header(token)).await.expect("open the socket");
     let (hello, _) = next_frame(&mut ws).await;
     assert_eq!(hello["payload"]["event"], "connection_established", "{hello}");
 
@@ -217,9 +203,7 @@ async fn main() {
         if let Some(id) = &thread_id {
             payload["thread_id"] = json!(id);
         }
-        ws.send(Message::text(json!({"type": "user_message", "payload": payload}).to_string()))
-            .await
-            .expect("send user_message");
+        ws.send(&json!({"type": "user_message", "payload": payload})).await.expect("send user_message");
         let mut first_partial: Option<Instant> = None;
         loop {
             let (frame, at) = next_frame(&mut ws).await;

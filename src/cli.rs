@@ -8,13 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use netra::auth::{Keys, TokenKind, User};
+use netra::client::{Auth, Client, ClientError};
 use netra::config::{self, Config};
 
 #[derive(Parser)]
@@ -233,11 +231,8 @@ async fn chat(
         Some(t) => t,
         None => keys(config)?.mint(&User::new(user), TokenKind::Access, Duration::from_secs(3600)),
     };
-    let mut request = url.as_str().into_client_request().with_context(|| format!("while parsing {url}"))?;
-    request.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
-    let (ws, _) =
-        tokio_tungstenite::connect_async(request).await.with_context(|| format!("while connecting to {url}"))?;
-    let (mut sink, mut stream) = ws.split();
+    let mut ws =
+        Client::open(&url, &Auth::Header(token)).await.with_context(|| format!("while connecting to {url}"))?;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut thread_id = thread;
     let mut pending = 0usize;
@@ -246,7 +241,7 @@ async fn chat(
     eprintln!("connected to {url}; type a message and press enter (Ctrl-D to quit)");
     loop {
         if !stdin_open && pending == 0 {
-            let _ = sink.send(Message::Close(None)).await;
+            ws.close().await;
             return Ok(());
         }
         tokio::select! {
@@ -256,20 +251,17 @@ async fn chat(
                     Some(l) if l.trim().is_empty() => {}
                     Some(l) => {
                         let frame = json!({"type": "user_message", "payload": {"content": l, "thread_id": thread_id}});
-                        sink.send(Message::text(frame.to_string())).await?;
+                        ws.send(&frame).await?;
                         pending += 1;
                     }
                 }
             }
-            frame = stream.next() => {
-                let text = match frame {
-                    None => anyhow::bail!("the server closed the connection"),
-                    Some(Err(e)) => anyhow::bail!("connection error: {e}"),
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Close(c))) => anyhow::bail!("the server closed the connection: {c:?}"),
-                    Some(Ok(_)) => continue,
+            frame = ws.next_frame() => {
+                let v = match frame {
+                    Ok(v) => v,
+                    Err(ClientError::Closed(c)) => anyhow::bail!("the server closed the connection: {} {:?}", c.code, c.reason),
+                    Err(e) => anyhow::bail!("connection error: {e}"),
                 };
-                let v: Value = serde_json::from_str(text.as_str()).unwrap_or_default();
                 if let Some(t) = v["thread_id"].as_str() {
                     thread_id = Some(t.to_string());
                 }

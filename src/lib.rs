@@ -10,6 +10,7 @@ pub mod agent;
 pub mod analytics;
 pub mod auth;
 pub mod broker;
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod delivery;

@@ -6,12 +6,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::auth::{Keys, TokenKind, User};
+use crate::client::{Auth, Client, ClientError};
 use crate::store::Store;
 
 /// The user the self-test runs as; its runs always use the builtin agent.
@@ -27,18 +25,14 @@ pub(crate) async fn run(addr: SocketAddr, keys: &Keys, store: &Store) -> Result<
     };
     let url = format!("ws://{host}:{}/ws", addr.port());
     let token = keys.mint(&User::new(USER), TokenKind::Access, Duration::from_secs(60));
-    let mut request = url.as_str().into_client_request().map_err(|e| format!("bad self-test url: {e}"))?;
-    let bearer = format!("Bearer {token}").parse().map_err(|_| "token is not a header value".to_string())?;
-    request.headers_mut().insert("authorization", bearer);
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(request).await.map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    let mut ws = Client::open(&url, &Auth::Header(token)).await.map_err(|e| format!("cannot connect to {url}: {e}"))?;
 
     let first = next_json(&mut ws).await?;
     if first["payload"]["event"] != "connection_established" {
         return Err(format!("first frame was not connection_established: {first}"));
     }
     let send = json!({"type": "user_message", "payload": {"content": "self-test: what is 6*7?"}});
-    ws.send(Message::text(send.to_string())).await.map_err(|e| format!("cannot send: {e}"))?;
+    ws.send(&send).await.map_err(|e| format!("cannot send: {e}"))?;
 
     let mut seen = Vec::new();
     let mut thread_id = None;
@@ -64,7 +58,7 @@ pub(crate) async fn run(addr: SocketAddr, keys: &Keys, store: &Store) -> Result<
             _ => seen.push(kind),
         }
     };
-    let _ = ws.close(None).await;
+    ws.close().await;
     let expected = [
         "thread_created",
         "user_message",
@@ -84,22 +78,10 @@ pub(crate) async fn run(addr: SocketAddr, keys: &Keys, store: &Store) -> Result<
     outcome
 }
 
-async fn next_json<S>(ws: &mut S) -> Result<Value, String>
-where
-    S: StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .map_err(|_| "no frame within 5 s".to_string())?;
-        match next {
-            Some(Ok(Message::Text(text))) => {
-                return serde_json::from_str(text.as_str()).map_err(|e| format!("frame is not JSON: {e}"));
-            }
-            Some(Ok(Message::Close(frame))) => return Err(format!("server closed the socket: {frame:?}")),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(format!("socket error: {e}")),
-            None => return Err("socket ended".into()),
-        }
+async fn next_json(ws: &mut Client) -> Result<Value, String> {
+    match tokio::time::timeout(Duration::from_secs(5), ws.next_frame()).await {
+        Err(_) => Err("no frame within 5 s".into()),
+        Ok(Err(ClientError::Closed(closed))) => Err(format!("server closed the socket: {closed:?}")),
+        Ok(frame) => frame.map_err(|e| e.to_string()),
     }
 }

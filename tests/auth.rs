@@ -62,7 +62,7 @@ async fn open_with(server: &Server, query: &str, headers: &[(&'static str, Strin
     }
     let (ws, response) = tokio_tungstenite::connect_async(request).await.expect("upgrade succeeds");
     let protocol = response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).map(str::to_string);
-    Client { ws, protocol }
+    Client(netra::client::Client { ws, protocol })
 }
 
 async fn assert_established(client: &mut Client, user: &str) {

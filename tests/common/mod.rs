@@ -8,16 +8,12 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use netra::auth::{Keys, TokenKind, User};
 use netra::config::Secret;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -273,60 +269,36 @@ impl Drop for Server {
     }
 }
 
-/// How a client presents its token.
-pub enum Auth {
-    Header(String),
-    /// The browser way: `jwt-auth, jwt.<base64url>`.
-    Subprotocol(String),
-    Query(String),
-    None,
+pub use netra::client::{Auth, Closed, ends_run};
+
+/// netra's client (`netra::client`) with the suite's deadline, and panics instead of
+/// errors: a test that cannot read or send has failed.
+pub struct Client(pub netra::client::Client);
+
+impl std::ops::Deref for Client {
+    type Target = netra::client::Client;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
-pub struct Client {
-    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    /// The subprotocol the server selected, if any.
-    pub protocol: Option<String>,
-}
-
-/// How a socket ended, as the client saw it.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Closed {
-    pub code: u16,
-    pub reason: String,
+impl std::ops::DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Client {
     pub async fn open(url: &str, auth: Auth) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
-        use base64::Engine;
-        let url = match &auth {
-            Auth::Query(t) => format!("{url}?token={t}"),
-            _ => url.to_string(),
-        };
-        let mut request = url.as_str().into_client_request()?;
-        match &auth {
-            Auth::Header(t) => {
-                request.headers_mut().insert("authorization", format!("Bearer {t}").parse().expect("header"));
-            }
-            Auth::Subprotocol(t) => {
-                let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t);
-                request
-                    .headers_mut()
-                    .insert("sec-websocket-protocol", format!("jwt-auth, jwt.{encoded}").parse().expect("header"));
-            }
-            Auth::Query(_) | Auth::None => {}
-        }
-        let (ws, response) = tokio_tungstenite::connect_async(request).await?;
-        let protocol =
-            response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).map(str::to_string);
-        Ok(Self { ws, protocol })
+        netra::client::Client::open(url, &auth).await.map(Self)
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::text(v.to_string())).await.expect("send");
+        self.0.send(&v).await.expect("send");
     }
 
     pub async fn send_text(&mut self, text: &str) {
-        self.ws.send(Message::text(text.to_string())).await.expect("send");
+        self.0.send_text(text).await.expect("send");
     }
 
     /// The next text frame as JSON; panics on close or after the deadline.
@@ -337,20 +309,14 @@ impl Client {
         }
     }
 
-    /// The next text frame, or how the socket closed.
+    /// The next text frame, or how the socket closed (a broken socket as 1006).
     pub async fn next_or_close(&mut self) -> Result<Value, Closed> {
-        loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("a frame within the deadline");
-            match msg {
-                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(t.as_str()).expect("frames are JSON")),
-                Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) =
-                        frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
-                    return Err(Closed { code, reason });
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return Err(Closed { code: 1006, reason: String::new() }),
-            }
+        let next = tokio::time::timeout(WAIT, self.0.next_frame()).await.expect("a frame within the deadline");
+        match next {
+            Ok(v) => Ok(v),
+            Err(netra::client::ClientError::Closed(closed)) => Err(closed),
+            Err(netra::client::ClientError::Socket(_)) => Err(Closed { code: 1006, reason: String::new() }),
+            Err(e) => panic!("{e}"),
         }
     }
 
@@ -399,18 +365,9 @@ impl Client {
 
     /// Asserts nothing arrives for `window` (used sparingly: only to prove absence).
     pub async fn expect_silence(&mut self, window: Duration) {
-        if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(window, self.ws.next()).await {
-            panic!("expected no frame, got {t}");
+        if let Ok(Ok(frame)) = tokio::time::timeout(window, self.0.next_frame()).await {
+            panic!("expected no frame, got {frame}");
         }
-    }
-}
-
-pub fn ends_run(v: &Value) -> bool {
-    match v["type"].as_str() {
-        Some("final_report") => true,
-        Some("error") => true,
-        Some("agent_completed") => v["payload"]["status"] == "cancelled",
-        _ => false,
     }
 }
 
