@@ -44,6 +44,12 @@ impl ErrorCode {
     }
 }
 
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 /// A client frame that could not be acted on; the connection stays open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolError {
@@ -271,6 +277,154 @@ impl EventType {
             Self::Error => "error",
         }
     }
+}
+
+/// What a thread event says: each kind's payload with its fields (§3.2, §3.4), typed,
+/// so that an event is serialized once, straight into the text that is stored and sent.
+/// The kind is the variant ([`Payload::kind`]).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Payload<'a> {
+    ThreadCreated {
+        thread_id: &'a str,
+        title: &'a str,
+    },
+    UserMessage {
+        message_id: &'a str,
+        content: &'a str,
+        role: Role,
+    },
+    AgentStarted {
+        status: Status,
+        message: &'a str,
+        context: Empty,
+    },
+    AgentThinking {
+        reasoning: &'a str,
+        step_number: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        total_steps: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        progress_percentage: Option<u64>,
+        status: Status,
+    },
+    ToolExecuting {
+        tool_name: &'a str,
+        parameters: &'a Value,
+        status: Status,
+        message: &'a str,
+    },
+    ToolCompleted {
+        tool_name: &'a str,
+        result: &'a Value,
+        execution_time_ms: u64,
+        status: Status,
+        message: &'a str,
+    },
+    PartialResult {
+        content: &'a str,
+        is_complete: bool,
+    },
+    /// A run that completed (with its answer and, when a model counted them, its tokens)
+    /// or was cancelled (neither).
+    AgentCompleted {
+        status: Status,
+        result: RunResult<'a>,
+        execution_time_ms: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        metrics: Option<Tokens>,
+        message: &'a str,
+    },
+    FinalReport {
+        executive_summary: &'a str,
+        report: Empty,
+        recommendations: [&'a str; 0],
+        action_plan: &'a str,
+        total_duration_ms: u64,
+    },
+    AgentError {
+        status: Status,
+        error_message: &'a str,
+        error_context: FailureReason<'a>,
+        message: &'a str,
+    },
+    /// A run's failure as an §6c `error` with its code, in the thread's history.
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        error_message: &'a str,
+        reason: &'a str,
+    },
+}
+
+impl Payload<'_> {
+    pub fn kind(&self) -> EventType {
+        match self {
+            Self::ThreadCreated { .. } => EventType::ThreadCreated,
+            Self::UserMessage { .. } => EventType::UserMessage,
+            Self::AgentStarted { .. } => EventType::AgentStarted,
+            Self::AgentThinking { .. } => EventType::AgentThinking,
+            Self::ToolExecuting { .. } => EventType::ToolExecuting,
+            Self::ToolCompleted { .. } => EventType::ToolCompleted,
+            Self::PartialResult { .. } => EventType::PartialResult,
+            Self::AgentCompleted { .. } => EventType::AgentCompleted,
+            Self::FinalReport { .. } => EventType::FinalReport,
+            Self::AgentError { .. } => EventType::AgentError,
+            Self::Error { .. } => EventType::Error,
+        }
+    }
+
+    /// The payload's JSON text.
+    pub fn to_raw(&self) -> Box<RawValue> {
+        serde_json::value::to_raw_value(self).expect("a payload has string keys and JSON values")
+    }
+}
+
+/// The `status` of a run's progress events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Started,
+    Thinking,
+    Executing,
+    Completed,
+    Cancelled,
+    Error,
+}
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    User,
+}
+
+/// `{}`: a field the web client reads that netra has nothing to put in.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Empty {}
+
+/// What a run produced: its answer and the tools it used; `{}` when it has none.
+#[derive(Debug, Default, Serialize)]
+pub struct RunResult<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tools: Option<&'a [String]>,
+}
+
+/// The tokens a model reported for a run, each when it said; `{}` when it said nothing.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Tokens {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens: Option<u64>,
+}
+
+/// Why a run failed, in a word the client can match on.
+#[derive(Debug, Serialize)]
+pub struct FailureReason<'a> {
+    pub reason: &'a str,
 }
 
 /// A persisted thread event, exactly as it goes on the wire (§3.1, §6a).
@@ -525,5 +679,69 @@ mod tests {
             let expected = t.to_offset(time::UtcOffset::UTC).format(described).expect("formats");
             proptest::prop_assert_eq!(format_rfc3339(t), expected);
         }
+    }
+
+    fn json(payload: &Payload<'_>) -> Value {
+        serde_json::from_str(payload.to_raw().get()).expect("a payload is JSON")
+    }
+
+    #[test]
+    fn payloads_have_the_fields_the_web_client_reads() {
+        let thinking = Payload::AgentThinking {
+            reasoning: "Reading",
+            step_number: 1,
+            total_steps: None,
+            progress_percentage: None,
+            status: Status::Thinking,
+        };
+        assert_eq!(thinking.kind(), EventType::AgentThinking);
+        assert_eq!(json(&thinking), json!({"reasoning": "Reading", "step_number": 1, "status": "thinking"}));
+
+        let tools = vec!["calculator".to_string()];
+        let completed = Payload::AgentCompleted {
+            status: Status::Completed,
+            result: RunResult { response: Some("42"), tools: Some(&tools) },
+            execution_time_ms: 7,
+            metrics: Some(Tokens::default()),
+            message: "done",
+        };
+        assert_eq!(
+            json(&completed),
+            json!({"status": "completed", "result": {"response": "42", "tools": ["calculator"]},
+                   "execution_time_ms": 7, "metrics": {}, "message": "done"})
+        );
+        let cancelled = Payload::AgentCompleted {
+            status: Status::Cancelled,
+            result: RunResult::default(),
+            execution_time_ms: 3,
+            metrics: None,
+            message: "stopped",
+        };
+        assert_eq!(
+            json(&cancelled),
+            json!({"status": "cancelled", "result": {}, "execution_time_ms": 3, "message": "stopped"})
+        );
+
+        let report = Payload::FinalReport {
+            executive_summary: "42",
+            report: Empty {},
+            recommendations: [],
+            action_plan: "",
+            total_duration_ms: 7,
+        };
+        assert_eq!(report.kind(), EventType::FinalReport);
+        assert_eq!(
+            json(&report),
+            json!({"executive_summary": "42", "report": {}, "recommendations": [], "action_plan": "",
+                   "total_duration_ms": 7})
+        );
+
+        let failed =
+            Payload::Error { code: ErrorCode::AgentFailed, message: "m", error_message: "m", reason: "timed_out" };
+        assert_eq!(failed.kind(), EventType::Error);
+        assert_eq!(
+            json(&failed),
+            json!({"code": "agent_failed", "message": "m", "error_message": "m", "reason": "timed_out"})
+        );
     }
 }

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::tools::{self, Tool};
 use super::{Answer, RunContext, RunFailure};
-use crate::protocol::EventType;
+use crate::protocol::{Payload, Status};
 
 /// The builtin provider's settings.
 #[derive(Debug, Clone)]
@@ -32,12 +32,7 @@ impl Builtin {
             tools_used.push(Tool::Clock);
         }
         let total_steps = tools_used.len() as u64 + 1;
-        ctx.emit(
-            EventType::AgentThinking,
-            json!({"reasoning": "Reading your message", "step_number": 1, "total_steps": total_steps,
-                   "progress_percentage": 100 / (total_steps + 1), "status": "thinking"}),
-        )
-        .await?;
+        ctx.emit(thinking("Reading your message", 1, total_steps)).await?;
 
         let mut sentences = Vec::new();
         for (i, tool) in tools_used.iter().enumerate() {
@@ -46,11 +41,13 @@ impl Builtin {
                 Tool::Calculator => json!({"expression": expression.clone().unwrap_or_default()}),
                 Tool::Clock => json!({}),
             };
-            ctx.emit(
-                EventType::ToolExecuting,
-                json!({"tool_name": tool.name(), "parameters": args, "status": "executing",
-                       "message": format!("Running {}", tool.name())}),
-            )
+            let running = format!("Running {}", tool.name());
+            ctx.emit(Payload::ToolExecuting {
+                tool_name: tool.name(),
+                parameters: &args,
+                status: Status::Executing,
+                message: &running,
+            })
             .await?;
             let started = Instant::now();
             let result = tool.run(&args);
@@ -59,11 +56,13 @@ impl Builtin {
                 Ok(v) => (v.clone(), format!("{} finished", tool.name())),
                 Err(e) => (json!({"error": e}), format!("{} failed: {e}", tool.name())),
             };
-            ctx.emit(
-                EventType::ToolCompleted,
-                json!({"tool_name": tool.name(), "result": result_json, "execution_time_ms": elapsed_ms,
-                       "status": "completed", "message": message}),
-            )
+            ctx.emit(Payload::ToolCompleted {
+                tool_name: tool.name(),
+                result: &result_json,
+                execution_time_ms: elapsed_ms,
+                status: Status::Completed,
+                message: &message,
+            })
             .await?;
             if let Ok(v) = result {
                 match tool {
@@ -77,13 +76,8 @@ impl Builtin {
                 }
             }
             if i + 1 < tools_used.len() {
-                ctx.emit(
-                    EventType::AgentThinking,
-                    json!({"reasoning": format!("Checked with {}", tool.name()), "step_number": i as u64 + 2,
-                           "total_steps": total_steps, "progress_percentage": 100 * (i as u64 + 2) / (total_steps + 1),
-                           "status": "thinking"}),
-                )
-                .await?;
+                let checked = format!("Checked with {}", tool.name());
+                ctx.emit(thinking(&checked, i as u64 + 2, total_steps)).await?;
             }
         }
 
@@ -109,12 +103,7 @@ impl Builtin {
         }
         let answer = sentences.join(" ");
 
-        ctx.emit(
-            EventType::AgentThinking,
-            json!({"reasoning": "Writing the answer", "step_number": total_steps, "total_steps": total_steps,
-                   "progress_percentage": 100 * total_steps / (total_steps + 1), "status": "thinking"}),
-        )
-        .await?;
+        ctx.emit(thinking("Writing the answer", total_steps, total_steps)).await?;
         if self.token_delay.is_zero() {
             ctx.stream_text(&answer).await?;
         } else {
@@ -128,5 +117,16 @@ impl Builtin {
             }
         }
         Ok(Answer { text: answer, tools: tools_used.iter().map(|t| t.name().to_string()).collect(), usage: None })
+    }
+}
+
+/// Step `step` of `total`, with the share of the run done before it.
+fn thinking(reasoning: &str, step: u64, total: u64) -> Payload<'_> {
+    Payload::AgentThinking {
+        reasoning,
+        step_number: step,
+        total_steps: Some(total),
+        progress_percentage: Some(100 * step / (total + 1)),
+        status: Status::Thinking,
     }
 }

@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::value::RawValue;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,7 +23,9 @@ pub use openai::{ClientError, OpenAi, UpstreamError};
 
 use crate::analytics::{self, Analytics, RunRow};
 use crate::delivery::{Delivery, DeliveryError, InFlight, Link};
-use crate::protocol::{self, EventType, now_rfc3339};
+use crate::protocol::{
+    self, Empty, ErrorCode, EventType, FailureReason, Payload, Role, RunResult, Status, Tokens, now_rfc3339,
+};
 use crate::store::{InterruptedRun, Message, NewEvent, Row, Store, StoreError, WriteJob};
 use crate::telemetry::metric;
 
@@ -169,12 +170,12 @@ impl RunContext {
     /// not wait for each commit (the writer keeps submission order, so events still
     /// commit and publish in order), but the first failed write fails the next emit.
     /// Text streamed before it is emitted first, so the thread keeps its order.
-    pub async fn emit(&self, kind: EventType, payload: Value) -> Result<(), DeliveryError> {
+    pub async fn emit(&self, payload: Payload<'_>) -> Result<(), DeliveryError> {
         self.flush_text().await?;
-        if kind == EventType::ToolExecuting {
+        if payload.kind() == EventType::ToolExecuting {
             self.timing().tool_calls += 1;
         }
-        self.push_event(kind, payload).await
+        self.push_event(&payload).await
     }
 
     /// Streams answer text as `partial_result` deltas, merged: the first chunk goes at
@@ -212,7 +213,7 @@ impl RunContext {
             std::mem::take(&mut held.pending)
         };
         self.timing().first_text.get_or_insert_with(Instant::now);
-        self.push_event(EventType::PartialResult, json!({"content": text, "is_complete": false})).await
+        self.push_event(&Payload::PartialResult { content: &text, is_complete: false }).await
     }
 
     fn timing(&self) -> std::sync::MutexGuard<'_, Timing> {
@@ -223,12 +224,12 @@ impl RunContext {
         self.held.lock().expect("held-text lock is never held across a panic")
     }
 
-    async fn push_event(&self, kind: EventType, payload: Value) -> Result<(), DeliveryError> {
+    async fn push_event(&self, payload: &Payload<'_>) -> Result<(), DeliveryError> {
         self.check_written()?;
         let job = WriteJob {
             thread_id: self.thread_id.clone(),
             rows: Vec::new(),
-            events: vec![run_event(kind, &self.run_id, &payload)],
+            events: vec![run_event(&self.run_id, payload)],
         };
         let in_flight = self.delivery.submit_in(&self.run_id, Link::Next, job, &self.owner).await?;
         self.in_flight().push(in_flight);
@@ -271,18 +272,14 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a non-string panic".into())
 }
 
-fn run_event(kind: EventType, run_id: &str, payload: &Value) -> NewEvent {
+fn run_event(run_id: &str, payload: &Payload<'_>) -> NewEvent {
     NewEvent {
-        kind,
+        kind: payload.kind(),
         run_id: Some(run_id.to_string()),
         agent_name: Some(AGENT_NAME.to_string()),
         timestamp: now_rfc3339(),
-        payload: to_raw(payload),
+        payload: payload.to_raw(),
     }
-}
-
-fn to_raw(v: &Value) -> Box<RawValue> {
-    RawValue::from_string(v.to_string()).expect("a serialized Value is valid JSON")
 }
 
 /// Why a run was not started. Each maps to one §6c code in the gateway.
@@ -490,12 +487,13 @@ impl Supervisor {
         if create {
             let title: String = text.chars().take(50).collect();
             rows.push(Row::CreateThread { owner_id: user_id.to_string(), title: title.clone() });
+            let created = Payload::ThreadCreated { thread_id: &thread_id, title: &title };
             events.push(NewEvent {
-                kind: EventType::ThreadCreated,
+                kind: created.kind(),
                 run_id: None,
                 agent_name: None,
                 timestamp: now_rfc3339(),
-                payload: to_raw(&json!({"thread_id": thread_id, "title": title})),
+                payload: created.to_raw(),
             });
         }
         let message_index = events.len();
@@ -511,17 +509,14 @@ impl Supervisor {
             user_id: user_id.to_string(),
             node_id: self.inner.node_id.clone(),
         });
-        let mut echo = run_event(
-            EventType::UserMessage,
-            &run_id,
-            &json!({"message_id": message_id, "content": text, "role": "user"}),
-        );
+        let mut echo =
+            run_event(&run_id, &Payload::UserMessage { message_id: &message_id, content: text, role: Role::User });
         echo.agent_name = None;
         events.push(echo);
+        let message = format!("{AGENT_NAME} started");
         events.push(run_event(
-            EventType::AgentStarted,
             &run_id,
-            &json!({"status": "started", "message": format!("{AGENT_NAME} started"), "context": {}}),
+            &Payload::AgentStarted { status: Status::Started, message: &message, context: Empty {} },
         ));
         let job = WriteJob { thread_id: thread_id.clone(), rows, events };
         let started = RunStarted { run_id: run_id.clone(), thread_id: thread_id.clone() };
@@ -774,23 +769,31 @@ impl Supervisor {
     fn ending_job(&self, ctx: &RunContext, ending: &Ending, elapsed_ms: u64) -> (&'static str, WriteJob) {
         match &ending {
             Ending::Completed(answer) => {
-                let metrics = match answer.usage {
-                    Some(u) => json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens}),
-                    None => json!({}),
+                let tokens = Tokens {
+                    prompt_tokens: answer.usage.map(|u| u.prompt_tokens),
+                    completion_tokens: answer.usage.map(|u| u.completion_tokens),
                 };
+                let message = format!("{AGENT_NAME} completed");
                 let events = vec![
                     run_event(
-                        EventType::AgentCompleted,
                         &ctx.run_id,
-                        &json!({"status": "completed", "result": {"response": answer.text, "tools": answer.tools},
-                                "execution_time_ms": elapsed_ms, "metrics": metrics,
-                                "message": format!("{AGENT_NAME} completed")}),
+                        &Payload::AgentCompleted {
+                            status: Status::Completed,
+                            result: RunResult { response: Some(&answer.text), tools: Some(&answer.tools) },
+                            execution_time_ms: elapsed_ms,
+                            metrics: Some(tokens),
+                            message: &message,
+                        },
                     ),
                     run_event(
-                        EventType::FinalReport,
                         &ctx.run_id,
-                        &json!({"executive_summary": answer.text, "report": {}, "recommendations": [],
-                                "action_plan": "", "total_duration_ms": elapsed_ms}),
+                        &Payload::FinalReport {
+                            executive_summary: &answer.text,
+                            report: Empty {},
+                            recommendations: [],
+                            action_plan: "",
+                            total_duration_ms: elapsed_ms,
+                        },
                     ),
                 ];
                 let mut job = ending_job(&ctx.thread_id, &ctx.run_id, "completed", events, None, answer.usage);
@@ -805,10 +808,14 @@ impl Supervisor {
             }
             Ending::Cancelled => {
                 let events = vec![run_event(
-                    EventType::AgentCompleted,
                     &ctx.run_id,
-                    &json!({"status": "cancelled", "result": {}, "execution_time_ms": elapsed_ms,
-                            "message": "the run was stopped"}),
+                    &Payload::AgentCompleted {
+                        status: Status::Cancelled,
+                        result: RunResult::default(),
+                        execution_time_ms: elapsed_ms,
+                        metrics: None,
+                        message: "the run was stopped",
+                    },
                 )];
                 ("cancelled", ending_job(&ctx.thread_id, &ctx.run_id, "cancelled", events, None, None))
             }
@@ -875,15 +882,15 @@ impl Supervisor {
 fn failure_events(run_id: &str, message: &str, reason: &str) -> Vec<NewEvent> {
     vec![
         run_event(
-            EventType::AgentError,
             run_id,
-            &json!({"status": "error", "error_message": message, "error_context": {"reason": reason}, "message": message}),
+            &Payload::AgentError {
+                status: Status::Error,
+                error_message: message,
+                error_context: FailureReason { reason },
+                message,
+            },
         ),
-        run_event(
-            EventType::Error,
-            run_id,
-            &json!({"code": "agent_failed", "message": message, "error_message": message, "reason": reason}),
-        ),
+        run_event(run_id, &Payload::Error { code: ErrorCode::AgentFailed, message, error_message: message, reason }),
     ]
 }
 

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::tools::Tool;
 use super::{Answer, RunContext, RunFailure, Usage};
 use crate::config::{Llm, OpenAiEndpoint};
-use crate::protocol::EventType;
+use crate::protocol::{Payload, Status};
 use crate::store::Message;
 
 /// Model calls per run: the last one is offered no tools, so the model must answer.
@@ -183,11 +183,8 @@ impl OpenAi {
     }
 
     async fn answer(&self, ctx: &RunContext) -> Result<Answer, RunFailure> {
-        ctx.emit(
-            EventType::AgentThinking,
-            json!({"reasoning": format!("Asking {}", self.endpoint.model), "step_number": 1, "status": "thinking"}),
-        )
-        .await?;
+        let asking = format!("Asking {}", self.endpoint.model);
+        ctx.emit(thinking(&asking, 1)).await?;
         let mut messages = conversation(&self.system_prompt, &ctx.history, &ctx.text, self.history_budget);
         let mut text = String::new();
         let mut tools_used = Vec::new();
@@ -227,11 +224,7 @@ impl OpenAi {
                 tools_used.push(call.name.clone());
                 messages.push(json!({"role": "tool", "tool_call_id": call.id, "content": result.to_string()}));
             }
-            ctx.emit(
-                EventType::AgentThinking,
-                json!({"reasoning": "Reading the tool results", "step_number": round + 1, "status": "thinking"}),
-            )
-            .await?;
+            ctx.emit(thinking("Reading the tool results", round as u64 + 1)).await?;
         }
         Ok(Answer { text, tools: tools_used, usage })
     }
@@ -344,11 +337,13 @@ impl OpenAi {
         };
         let args = args.and_then(|v| if v.is_object() { Ok(v) } else { Err("the arguments are not an object".into()) });
         let parameters = args.clone().unwrap_or_else(|_| json!({"raw": call.arguments}));
-        ctx.emit(
-            EventType::ToolExecuting,
-            json!({"tool_name": call.name, "parameters": parameters, "status": "executing",
-                   "message": format!("Running {}", call.name)}),
-        )
+        let running = format!("Running {}", call.name);
+        ctx.emit(Payload::ToolExecuting {
+            tool_name: &call.name,
+            parameters: &parameters,
+            status: Status::Executing,
+            message: &running,
+        })
         .await?;
         let started = Instant::now();
         let outcome = match (Tool::by_name(&call.name), args) {
@@ -366,11 +361,13 @@ impl OpenAi {
                 (json!({"error": e}), message)
             }
         };
-        ctx.emit(
-            EventType::ToolCompleted,
-            json!({"tool_name": call.name, "result": result, "execution_time_ms": elapsed_ms,
-                   "status": "completed", "message": message}),
-        )
+        ctx.emit(Payload::ToolCompleted {
+            tool_name: &call.name,
+            result: &result,
+            execution_time_ms: elapsed_ms,
+            status: Status::Completed,
+            message: &message,
+        })
         .await?;
         Ok(result)
     }
@@ -664,6 +661,17 @@ impl Reply {
                 call.arguments.push_str(&arguments);
             }
         }
+    }
+}
+
+/// Step `step` of a model's run, whose number of steps is not known ahead.
+fn thinking(reasoning: &str, step: u64) -> Payload<'_> {
+    Payload::AgentThinking {
+        reasoning,
+        step_number: step,
+        total_steps: None,
+        progress_percentage: None,
+        status: Status::Thinking,
     }
 }
 

@@ -67,13 +67,7 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
         // The jobs move out of their envelopes into one shared slice: no copy of any payload.
         let jobs: Arc<[WriteJob]> = jobs.into();
         match store.write_batch(&jobs).await {
-            Ok(firsts) => {
-                let mut wakes = Wakes::default();
-                for ((job, (waiter, _)), first) in jobs.iter().zip(waiters).zip(firsts) {
-                    publish(&route, job, waiter, first, &mut wakes);
-                }
-                route.settle(wakes);
-            }
+            Ok(firsts) => publish_all(&route, jobs.iter().zip(waiters.into_iter().map(|(waiter, _)| waiter)), firsts),
             Err(e) if jobs.len() == 1 => {
                 tracing::warn!(error = %e, "event write failed");
                 if let Some((waiter, chain)) = waiters.into_iter().next() {
@@ -97,11 +91,7 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
                     let Some(waiter) = admit(&mut broken, waiter, chain.as_ref()) else { continue };
                     let single: Arc<[WriteJob]> = Arc::new([job.clone()]);
                     match store.write_batch(&single).await {
-                        Ok(firsts) => {
-                            let mut wakes = Wakes::default();
-                            publish(&route, job, waiter, firsts[0], &mut wakes);
-                            route.settle(wakes);
-                        }
+                        Ok(firsts) => publish_all(&route, std::iter::once((job, waiter)), firsts),
                         Err(e) => {
                             break_chain(&mut broken, chain.as_ref());
                             let _ = waiter.reply.send(Err(e.into()));
@@ -143,6 +133,16 @@ fn break_chain(broken: &mut HashSet<Arc<str>>, chain: Option<&Chain>) {
     {
         broken.insert(chain.run_id.clone());
     }
+}
+
+/// Hands the events of jobs committed together to their readers (see [`publish`]), then
+/// wakes the connections they were offered to, once.
+fn publish_all<'a>(route: &Route, jobs: impl Iterator<Item = (&'a WriteJob, Waiter)>, firsts: Vec<u64>) {
+    let mut wakes = Wakes::default();
+    for ((job, waiter), first) in jobs.zip(firsts) {
+        publish(route, job, waiter, first, &mut wakes);
+    }
+    route.settle(wakes);
 }
 
 /// Hands a committed job's events, numbered from `first`, to the other nodes and the
