@@ -21,7 +21,7 @@ use crate::agent::StartError;
 use crate::analytics::{self, SessionRow};
 use crate::auth::AuthError;
 use crate::delivery::{CloseReason, Connection, QueueLimit};
-use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
+use crate::protocol::{self, ClientMessage, ErrorCode, Frame, ProtocolError};
 use crate::rate::RateWindow;
 use crate::store::StoreError;
 use crate::telemetry::metric;
@@ -343,8 +343,8 @@ async fn serve(
             traffic.bytes_out += batch.iter().map(|f| f.len() as u64).sum::<u64>();
             let frames = std::mem::take(&mut batch);
             let write = async {
-                for text in frames {
-                    socket.feed(Message::Text(text)).await?;
+                for frame in frames {
+                    socket.feed(text_message(frame)).await?;
                 }
                 socket.flush().await
             };
@@ -405,6 +405,12 @@ async fn serve(
             }
         }
     }
+}
+
+/// A frame from the outbox as the socket's text message. Its bytes are checked once more
+/// (tens of nanoseconds): the WebSocket library takes text only as checked UTF-8.
+fn text_message(frame: Frame) -> Message {
+    Message::Text(Utf8Bytes::try_from(frame.into_bytes()).expect("a frame is only ever made from a str"))
 }
 
 /// Runs a socket write to completion, unless it is stuck (`None`: give up on the socket):

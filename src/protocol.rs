@@ -4,6 +4,7 @@
 //! (`payload`, top-level `agent_name`/`run_id`/`timestamp`, RFC 3339 milliseconds) has
 //! one definition.
 
+use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
@@ -475,6 +476,38 @@ pub struct EventText<'a> {
 impl EventText<'_> {
     pub fn to_text(&self) -> String {
         serde_json::to_string(self).expect("an event frame has string keys and valid raw JSON")
+    }
+}
+
+/// One outbound text frame: serialized once and shared by every connection it goes to
+/// (a clone is a reference count), UTF-8 because it is only ever made from a `str`. The
+/// gateway hands it to the socket; nothing before the gateway knows the WebSocket
+/// library's types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame(Bytes);
+
+impl Frame {
+    pub const fn from_static(text: &'static str) -> Self {
+        Self(Bytes::from_static(text.as_bytes()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The frame's UTF-8 bytes.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+}
+
+impl From<String> for Frame {
+    fn from(text: String) -> Self {
+        Self(Bytes::from(text))
     }
 }
 

@@ -4,10 +4,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
 
-use crate::protocol::EventType;
+use crate::protocol::{EventType, Frame};
 use crate::telemetry::metric;
 
 /// A close the server decided on; the connection's writer sends it.
@@ -64,7 +63,7 @@ pub struct QueueLimit {
 
 #[derive(Default)]
 struct Outbox {
-    frames: VecDeque<Utf8Bytes>,
+    frames: VecDeque<Frame>,
     /// The bytes of `frames`.
     bytes: usize,
     /// The first close decided; the socket task sends it after the queued frames.
@@ -102,7 +101,7 @@ impl Connection {
 
     /// Queues a frame for this connection alone (replies, protocol errors, replays).
     /// Waits for room; `false` once a close is decided or the socket is gone.
-    pub async fn send(&self, text: impl Into<Utf8Bytes>) -> bool {
+    pub async fn send(&self, text: impl Into<Frame>) -> bool {
         let text = text.into();
         loop {
             let room = self.room.notified();
@@ -124,7 +123,7 @@ impl Connection {
 
     /// Queues `text` unless the outbox is full or refuses frames: once a close is decided,
     /// only what was queued before it still goes out.
-    fn push(&self, outbox: &mut Outbox, text: &Utf8Bytes) -> Push {
+    fn push(&self, outbox: &mut Outbox, text: &Frame) -> Push {
         let pushed = self.push_quietly(outbox, text);
         if let Push::Queued = pushed {
             self.wake.notify_one();
@@ -134,7 +133,7 @@ impl Connection {
 
     /// [`Connection::push`] without waking the socket task: the caller does, with
     /// [`Connection::wake`], once it has queued everything it has for this connection.
-    fn push_quietly(&self, outbox: &mut Outbox, text: &Utf8Bytes) -> Push {
+    fn push_quietly(&self, outbox: &mut Outbox, text: &Frame) -> Push {
         if outbox.gone || outbox.close.is_some() {
             return Push::Refused;
         }
@@ -154,7 +153,7 @@ impl Connection {
     }
 
     /// Queues `text` now if there is room; never waits.
-    pub(super) fn try_push(&self, text: &Utf8Bytes) -> Push {
+    pub(super) fn try_push(&self, text: &Frame) -> Push {
         self.push(&mut self.outbox(), text)
     }
 
@@ -181,7 +180,7 @@ impl Connection {
 
     /// Moves every queued frame into `into`, tells waiting senders there is room, and
     /// returns the close decided, if any (to be sent after those frames).
-    pub fn take(&self, into: &mut Vec<Utf8Bytes>) -> Option<CloseReason> {
+    pub fn take(&self, into: &mut Vec<Frame>) -> Option<CloseReason> {
         let mut outbox = self.outbox();
         into.extend(outbox.frames.drain(..));
         outbox.bytes = 0;
@@ -198,11 +197,7 @@ impl Connection {
     /// Like [`Connection::take`], but stops at the first frame `go` holds back (a paced
     /// socket); once a close is decided everything queued goes. Also says whether frames
     /// were left in the outbox.
-    pub fn take_while(
-        &self,
-        into: &mut Vec<Utf8Bytes>,
-        mut go: impl FnMut(&Utf8Bytes) -> bool,
-    ) -> (Option<CloseReason>, bool) {
+    pub fn take_while(&self, into: &mut Vec<Frame>, mut go: impl FnMut(&Frame) -> bool) -> (Option<CloseReason>, bool) {
         let mut outbox = self.outbox();
         let closing = outbox.close.is_some();
         while let Some(front) = outbox.frames.front() {
@@ -255,7 +250,7 @@ impl Connection {
     /// Offers a live event; never waits. The socket task is not woken: the caller wakes
     /// it with [`Connection::wake`] after its last offer, so that a commit's frames to one
     /// connection go out in one write.
-    pub(super) fn offer(&self, kind: &str, seq: u64, thread_id: &str, text: &Utf8Bytes) -> Offer {
+    pub(super) fn offer(&self, kind: &str, seq: u64, thread_id: &str, text: &Frame) -> Offer {
         {
             let mut follows = self.follows();
             match follows.get_mut(thread_id) {
@@ -310,7 +305,7 @@ mod tests {
     #[test]
     fn a_socket_following_by_seq_reports_a_gap_instead_of_taking_the_event() {
         let conn = following(false, 5);
-        let text = Utf8Bytes::from_static("{}");
+        let text = Frame::from_static("{}");
         assert!(matches!(conn.offer("partial_result", 7, "t", &text), Offer::Gap(5)));
         assert!(matches!(conn.offer("partial_result", 6, "t", &text), Offer::Queued));
         assert!(matches!(conn.offer("partial_result", 7, "t", &text), Offer::Queued));
@@ -321,7 +316,7 @@ mod tests {
     #[test]
     fn an_event_a_socket_does_not_want_still_counts_as_seen() {
         let conn = following(true, 5);
-        let text = Utf8Bytes::from_static("{}");
+        let text = Frame::from_static("{}");
         assert!(matches!(conn.offer("user_message", 6, "t", &text), Offer::Skipped), "the web client skips its echo");
         assert!(matches!(conn.offer("agent_started", 7, "t", &text), Offer::Queued), "no gap after it");
     }

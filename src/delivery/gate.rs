@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Utf8Bytes;
+use crate::protocol::Frame;
 
 /// A lane not used for this long is forgotten; the next event of its thread starts a new one.
 const IDLE_LANE: Duration = Duration::from_secs(600);
@@ -27,7 +27,7 @@ pub(super) struct Arrival {
     pub(super) thread_id: Arc<str>,
     pub(super) seq: u64,
     pub(super) kind: Arc<str>,
-    pub(super) text: Utf8Bytes,
+    pub(super) text: Frame,
 }
 
 /// What to do with an arrival.
@@ -172,7 +172,7 @@ mod tests {
             thread_id: Arc::from("t"),
             seq,
             kind: Arc::from("partial_result"),
-            text: Utf8Bytes::from(format!("{seq}")),
+            text: Frame::from(format!("{seq}")),
         }
     }
 

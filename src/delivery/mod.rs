@@ -23,7 +23,6 @@ mod writer;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
@@ -31,6 +30,7 @@ pub use connection::{CloseReason, Connection, QueueLimit};
 pub use registry::{Registry, TooManyConnections};
 
 use crate::broker::Broker;
+use crate::protocol::Frame;
 use crate::store::{Store, StoreError, WriteJob};
 use crate::telemetry::metric;
 use connection::Follow;
@@ -209,7 +209,7 @@ impl Delivery {
             thread_id: Arc::from(thread_id),
             seq,
             kind: Arc::from(kind),
-            text: Utf8Bytes::from(frame),
+            text: Frame::from(frame),
         };
         let mut wakes = Wakes::default();
         let outcome = self.route.deliver(&conns, arrival, &mut wakes);
@@ -326,7 +326,7 @@ impl Delivery {
             let mut wakes = Wakes::default();
             for frame in &page {
                 if gate.fill_step(thread_id, frame.seq) {
-                    let text = Utf8Bytes::from(frame.to_text());
+                    let text = Frame::from(frame.to_text());
                     fan_out(&conns, &frame.kind, thread_id, frame.seq, &text, &mut wakes);
                     metrics::counter!(metric::EVENTS, "outcome" => "filled").increment(1);
                 }

@@ -3,10 +3,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
-
 use super::connection::{Offer, Push};
 use super::{CloseReason, Connection, DeliveryOutcome, DropReason};
+use crate::protocol::Frame;
 use crate::telemetry::metric;
 
 /// The connections of this node, by user.
@@ -64,7 +63,7 @@ impl Registry {
     /// Sends a frame that is not part of any thread's history (so not persisted) to every
     /// connection of `owner`, without waiting: one that has no room is closed 1013 and
     /// resumes by `seq`.
-    pub fn tell(&self, owner: &str, text: &Utf8Bytes) {
+    pub fn tell(&self, owner: &str, text: &Frame) {
         let conns: Vec<Arc<Connection>> = self.users().get(owner).cloned().unwrap_or_default();
         for conn in conns {
             if let Push::Full = conn.try_push(text) {
@@ -127,7 +126,7 @@ pub(super) fn fan_out(
     kind: &str,
     thread_id: &str,
     seq: u64,
-    text: &Utf8Bytes,
+    text: &Frame,
     wakes: &mut Wakes,
 ) -> DeliveryOutcome {
     let (mut queued, mut full) = (0, false);

@@ -7,12 +7,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::gate::Arrival;
 use super::registry::{Wakes, fan_out};
 use super::{DeliveryError, DeliveryOutcome, Link, Route};
+use crate::protocol::Frame;
 use crate::store::{Store, StoreError, WriteJob};
 use crate::telemetry::metric;
 
@@ -155,14 +155,19 @@ fn publish(route: &Route, job: &WriteJob, waiter: Waiter, first: u64, wakes: &mu
         route.broker.is_shared().then(|| (Arc::from(waiter.owner.as_str()), Arc::from(job.thread_id.as_str())));
     for (i, event) in job.events.iter().enumerate() {
         let seq = first + i as u64;
-        let text = Utf8Bytes::from(event.frame_text(&job.thread_id, seq));
+        let text = event.frame_text(&job.thread_id, seq);
         let kind = event.kind.as_str();
         let outcome = match &shared {
-            None => fan_out(&conns, kind, &job.thread_id, seq, &text, wakes),
+            None => fan_out(&conns, kind, &job.thread_id, seq, &Frame::from(text), wakes),
             Some((owner, thread_id)) => {
-                route.broker.publish_event(owner, thread_id, seq, kind, text.as_str());
-                let arrival =
-                    Arrival { owner: owner.clone(), thread_id: thread_id.clone(), seq, kind: Arc::from(kind), text };
+                route.broker.publish_event(owner, thread_id, seq, kind, &text);
+                let arrival = Arrival {
+                    owner: owner.clone(),
+                    thread_id: thread_id.clone(),
+                    seq,
+                    kind: Arc::from(kind),
+                    text: Frame::from(text),
+                };
                 route.deliver(&conns, arrival, wakes)
             }
         };
