@@ -26,6 +26,9 @@ pub mod metric {
     pub const EVENTS_REPLAYED: &str = "netra_events_replayed_total";
     pub const DELIVERY_LATENCY: &str = "netra_delivery_latency_seconds";
     pub const STORE_BATCH_JOBS: &str = "netra_store_batch_jobs";
+    /// `partial_result` deltas that waited in a batch behind another of their run and went
+    /// out inside it (one event, one row, one frame).
+    pub const DELTAS_MERGED: &str = "netra_partial_results_merged_total";
     pub const STARTUP_DURATION: &str = "netra_startup_component_duration_seconds";
     pub const HTTP_REQUESTS: &str = "netra_http_requests_total";
     /// Connections closed before their first request to make room for newer ones.

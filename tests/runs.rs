@@ -361,3 +361,54 @@ async fn a_socket_closed_right_after_a_chat_does_not_keep_the_run_slot() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Streamed text under load: with every chunk sent as it comes (interval 0), a run's
+/// deltas that wait for the same commit are merged by the writer (at this pace about a
+/// quarter of them, though how many depends on the machine; the writer's unit tests pin
+/// the merge itself). However they were merged, each run's deltas add up to its answer,
+/// in order and with dense `seq`, and a replay from the store gives exactly the frames
+/// that went live.
+#[tokio::test]
+async fn streamed_text_adds_up_to_the_answer_however_the_writer_merged_it() {
+    let server = Spawn::new().env("NETRA_STREAM_INTERVAL", "0ms").env("NETRA_AGENT_TOKEN_DELAY", "100us").ready().await;
+    let mut users = Vec::new();
+    for u in 0..16 {
+        let user = common::unique(&format!("streamer{u}"));
+        let mut tab = server.connect(&user).await;
+        users.push(tokio::spawn(async move {
+            let mut runs: Vec<Vec<Value>> = Vec::new();
+            for n in 0..3 {
+                let thread = runs.first().map(|r| str_field(&r[0], "thread_id").to_string());
+                runs.push(
+                    tab.chat(&format!("message {n} of a conversation long enough to stream"), thread.as_deref()).await,
+                );
+            }
+            (user, runs)
+        }));
+    }
+    let mut deltas = 0;
+    for user in users {
+        let (user, runs) = user.await.expect("a user's runs");
+        for (n, frames) in runs.iter().enumerate() {
+            assert_successful_run(frames, n == 0);
+            assert_dense(frames);
+            let streamed: String = frames
+                .iter()
+                .filter(|f| f["type"] == "partial_result")
+                .map(|f| f["payload"]["content"].as_str().expect("delta text"))
+                .collect();
+            assert_eq!(streamed, summary(frames), "the deltas add up to the answer");
+            deltas += frames.iter().filter(|f| f["type"] == "partial_result").count();
+        }
+        let live: Vec<Value> = runs.concat();
+        let thread = str_field(&live[0], "thread_id");
+        let end = seq(live.last().expect("frames"));
+        assert_eq!(seq(&live[0]), 1);
+        assert_dense(&live);
+        let mut replay = server.connect(&user).await;
+        replay.send(json!({"type": "subscribe", "payload": {"thread_id": thread, "after_seq": 0}})).await;
+        let replayed = replay.until(|f| f["seq"].as_u64() == Some(end)).await;
+        assert_eq!(replayed, live, "the store holds what went live");
+    }
+    assert!(deltas >= 16 * 3, "every run streamed at least one delta");
+}

@@ -9,11 +9,12 @@
 //! and its client catches up from the store by `seq`.
 //!
 //! Who owns what: [`writer`] turns submitted jobs into commits (group commit, the per-run
-//! chain of writes) and hands committed events to [`Route`], which tells other nodes
-//! (the broker) and offers each event to the owner's [`connection`]s through
-//! [`registry`]; with several nodes, what arrives from them too, put in order by the
-//! [`gate`] (gaps filled from the store by this module's filler). This module is the API
-//! producers call (submit, commit, replay) and the types they see.
+//! chain of writes, a run's waiting `partial_result` deltas merged into one event) and
+//! hands committed events to [`Route`], which tells other nodes (the broker) and offers
+//! each event to the owner's [`connection`]s through [`registry`]; with several nodes,
+//! what arrives from them too, put in order by the [`gate`] (gaps filled from the store by
+//! this module's filler). This module is the API producers call (submit, commit, replay)
+//! and the types they see.
 
 mod connection;
 mod gate;
@@ -378,7 +379,7 @@ impl Delivery {
 
     async fn enqueue(&self, job: WriteJob, owner: &str, chain: Option<Chain>) -> Result<InFlight, DeliveryError> {
         let (reply, rx) = oneshot::channel();
-        let waiter = Waiter { owner: owner.to_string(), queued_at: Instant::now(), reply };
+        let waiter = Waiter { owner: owner.to_string(), queued_at: Instant::now(), reply, merged: Vec::new() };
         self.writer.send(Pending { job, waiter, chain }).await.map_err(|_| DeliveryError::Stopped)?;
         Ok(InFlight(rx))
     }

@@ -1,9 +1,10 @@
 //! The group-commit writer: one task takes whatever jobs are queued (up to
 //! [`MAX_BATCH`]), commits them in one transaction, and publishes each job's events in
 //! submission order. It also keeps each run's chain of writes: once a link failed, the
-//! run's later links are refused, in order.
+//! run's later links are refused, in order. A run's `partial_result` deltas that wait in
+//! the same batch become one event ([`merge_deltas`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::gate::Arrival;
 use super::registry::{Wakes, fan_out};
 use super::{DeliveryError, DeliveryOutcome, Link, Route};
-use crate::protocol::Frame;
+use crate::protocol::{EventType, Frame, Payload};
 use crate::store::{Store, StoreError, WriteJob};
 use crate::telemetry::metric;
 
@@ -28,11 +29,30 @@ pub(super) struct Chain {
     pub(super) link: Link,
 }
 
+pub(super) type Reply = oneshot::Sender<Result<u64, DeliveryError>>;
+
 /// Who is told about a job's commit, and whose connections get its events.
 pub(super) struct Waiter {
     pub(super) owner: String,
     pub(super) queued_at: Instant,
-    pub(super) reply: oneshot::Sender<Result<u64, DeliveryError>>,
+    pub(super) reply: Reply,
+    /// The submitters of later deltas merged into this job's event ([`merge_deltas`]).
+    pub(super) merged: Vec<Reply>,
+}
+
+impl Waiter {
+    /// Tells the job's submitter how its write went, and the submitters of the deltas
+    /// merged into it: the `seq` of the one event, or that an earlier write of their run
+    /// (the one their text went into) failed.
+    fn answer(self, outcome: Result<u64, DeliveryError>) {
+        for reply in self.merged {
+            let _ = reply.send(match &outcome {
+                Ok(first) => Ok(*first),
+                Err(_) => Err(DeliveryError::EarlierWriteFailed),
+            });
+        }
+        let _ = self.reply.send(outcome);
+    }
 }
 
 /// Most jobs written in one transaction.
@@ -64,6 +84,7 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
         if jobs.is_empty() {
             continue;
         }
+        merge_deltas(&mut jobs, &mut waiters);
         // The jobs move out of their envelopes into one shared slice: no copy of any payload.
         let jobs: Arc<[WriteJob]> = jobs.into();
         match store.write_batch(&jobs).await {
@@ -72,7 +93,7 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
                 tracing::warn!(error = %e, "event write failed");
                 if let Some((waiter, chain)) = waiters.into_iter().next() {
                     break_chain(&mut broken, chain.as_ref());
-                    let _ = waiter.reply.send(Err(e.into()));
+                    waiter.answer(Err(e.into()));
                 }
             }
             Err(e) if matches!(e, StoreError::Unavailable(_)) => {
@@ -81,7 +102,7 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
                 let reason = e.to_string();
                 for (waiter, chain) in waiters {
                     break_chain(&mut broken, chain.as_ref());
-                    let _ = waiter.reply.send(Err(StoreError::Unavailable(reason.clone().into()).into()));
+                    waiter.answer(Err(StoreError::Unavailable(reason.clone().into()).into()));
                 }
             }
             Err(e) => {
@@ -94,7 +115,7 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
                         Ok(firsts) => publish_all(&route, std::iter::once((job, waiter)), firsts),
                         Err(e) => {
                             break_chain(&mut broken, chain.as_ref());
-                            let _ = waiter.reply.send(Err(e.into()));
+                            waiter.answer(Err(e.into()));
                         }
                     }
                 }
@@ -107,7 +128,7 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
 /// chain is broken.
 fn admit(broken: &mut HashSet<Arc<str>>, waiter: Waiter, chain: Option<&Chain>) -> Option<Waiter> {
     if chain.is_some_and(|chain| refused(broken, chain)) {
-        let _ = waiter.reply.send(Err(DeliveryError::EarlierWriteFailed));
+        waiter.answer(Err(DeliveryError::EarlierWriteFailed));
         return None;
     }
     Some(waiter)
@@ -177,5 +198,201 @@ fn publish(route: &Route, job: &WriteJob, waiter: Waiter, first: u64, wakes: &mu
         }
     }
     metrics::histogram!(metric::DELIVERY_LATENCY).record(waiter.queued_at.elapsed().as_secs_f64());
-    let _ = waiter.reply.send(Ok(first));
+    waiter.answer(Ok(first));
+}
+
+/// Merges each run's `partial_result` deltas that wait in this batch into one event: one
+/// `seq`, one row and one frame for the text that piled up while the previous commit was
+/// under way. Only what already waits is merged, so nothing waits for it: an idle server
+/// writes each delta as it comes, a loaded one fewer and longer ones. A delta joins the
+/// one before it when both are the same run's, each a job of that one event alone, and
+/// no other job of their thread lies between them (the thread's order is kept).
+fn merge_deltas(jobs: &mut Vec<WriteJob>, waiters: &mut Vec<(Waiter, Option<Chain>)>) {
+    let is_delta = |job: &WriteJob, chain: &Option<Chain>| {
+        job.rows.is_empty()
+            && job.events.len() == 1
+            && job.events[0].kind == EventType::PartialResult
+            && chain.as_ref().is_some_and(|c| c.link == Link::Next)
+    };
+    if jobs.iter().zip(waiters.iter()).filter(|(job, (_, chain))| is_delta(job, chain)).count() < 2 {
+        return;
+    }
+    // The text of each delta; the text of those merged into another moves into it.
+    let mut texts: Vec<Option<String>> = jobs
+        .iter()
+        .zip(waiters.iter())
+        .map(|(job, (_, chain))| if is_delta(job, chain) { delta_text(job) } else { None })
+        .collect();
+    let mut into: Vec<Option<usize>> = vec![None; jobs.len()];
+    let mut last_of_thread: HashMap<&str, usize> = HashMap::new();
+    for (j, job) in jobs.iter().enumerate() {
+        if let Some(&i) = last_of_thread.get(job.thread_id.as_str())
+            && texts[i].is_some()
+            && texts[j].is_some()
+            && waiters[i].1.as_ref().map(|c| &c.run_id) == waiters[j].1.as_ref().map(|c| &c.run_id)
+        {
+            let text = texts[j].take().unwrap_or_default();
+            texts[i].get_or_insert_default().push_str(&text);
+            into[j] = Some(i);
+            continue;
+        }
+        last_of_thread.insert(&job.thread_id, j);
+    }
+    let merged = into.iter().flatten().count();
+    if merged == 0 {
+        return;
+    }
+    metrics::counter!(metric::DELTAS_MERGED).increment(merged as u64);
+    let mut position = vec![0; jobs.len()];
+    let mut grown = vec![false; jobs.len()];
+    for i in into.iter().flatten() {
+        grown[*i] = true;
+    }
+    let all = std::mem::take(jobs).into_iter().zip(std::mem::take(waiters));
+    for (j, (mut job, (waiter, chain))) in all.enumerate() {
+        match into[j] {
+            Some(i) => {
+                let (kept, _) = &mut waiters[position[i]];
+                kept.merged.push(waiter.reply);
+                kept.merged.extend(waiter.merged);
+            }
+            None => {
+                if grown[j] {
+                    let content = texts[j].as_deref().unwrap_or_default();
+                    job.events[0].payload = Payload::PartialResult { content, is_complete: false }.to_raw();
+                }
+                position[j] = jobs.len();
+                jobs.push(job);
+                waiters.push((waiter, chain));
+            }
+        }
+    }
+}
+
+/// A `partial_result` delta's text, read back from its payload.
+fn delta_text(job: &WriteJob) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Delta {
+        content: String,
+    }
+    serde_json::from_str::<Delta>(job.events[0].payload.get()).ok().map(|d| d.content)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewEvent, Row};
+
+    /// A job, its waiter and chain, and the receiver of its reply.
+    type Submitted = (WriteJob, (Waiter, Option<Chain>), oneshot::Receiver<Result<u64, DeliveryError>>);
+
+    fn event(kind: EventType, payload: &Payload<'_>) -> NewEvent {
+        NewEvent {
+            kind,
+            run_id: None,
+            agent_name: None,
+            timestamp: "2026-12-03T00:00:00.000Z".into(),
+            payload: payload.to_raw(),
+        }
+    }
+
+    /// A job of `thread`, in `run`'s chain, with its waiter and the receiver of its reply.
+    fn job(thread: &str, run: &str, event: NewEvent) -> Submitted {
+        let (reply, rx) = oneshot::channel();
+        let waiter = Waiter { owner: "u".into(), queued_at: Instant::now(), reply, merged: Vec::new() };
+        let chain = Chain { run_id: Arc::from(run), link: Link::Next };
+        (WriteJob { thread_id: thread.into(), rows: Vec::new(), events: vec![event] }, (waiter, Some(chain)), rx)
+    }
+
+    fn delta(thread: &str, run: &str, text: &str) -> Submitted {
+        job(thread, run, event(EventType::PartialResult, &Payload::PartialResult { content: text, is_complete: false }))
+    }
+
+    fn thinking(thread: &str, run: &str) -> Submitted {
+        let payload = Payload::AgentThinking {
+            reasoning: "r",
+            step_number: 1,
+            total_steps: None,
+            progress_percentage: None,
+            status: crate::protocol::Status::Thinking,
+        };
+        job(thread, run, event(EventType::AgentThinking, &payload))
+    }
+
+    fn contents(jobs: &[WriteJob]) -> Vec<String> {
+        jobs.iter()
+            .map(|j| {
+                let v: serde_json::Value = serde_json::from_str(j.events[0].payload.get()).expect("json");
+                v["content"].as_str().map_or_else(|| j.events[0].kind.as_str().to_string(), str::to_string)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_runs_waiting_deltas_become_one_event_and_every_submitter_hears_its_seq() {
+        let submitted = vec![
+            delta("t1", "r1", "Hello"),
+            delta("t2", "r2", "Other"),
+            delta("t1", "r1", ", \"wor"),
+            delta("t1", "r1", "ld\"\n"),
+            delta("t2", "r2", " thread"),
+        ];
+        let mut jobs = Vec::new();
+        let mut waiters = Vec::new();
+        let mut replies = Vec::new();
+        for (j, w, rx) in submitted {
+            jobs.push(j);
+            waiters.push(w);
+            replies.push(rx);
+        }
+        merge_deltas(&mut jobs, &mut waiters);
+        assert_eq!(contents(&jobs), ["Hello, \"world\"\n", "Other thread"]);
+        assert_eq!(jobs[0].thread_id, "t1");
+        assert_eq!(waiters.len(), 2);
+        for ((waiter, _), first) in waiters.into_iter().zip([7, 3]) {
+            waiter.answer(Ok(first));
+        }
+        let heard: Vec<u64> = replies.iter_mut().map(|rx| rx.try_recv().expect("answered").expect("ok")).collect();
+        assert_eq!(heard, [7, 3, 7, 7, 3]);
+    }
+
+    #[test]
+    fn deltas_apart_in_their_thread_or_of_different_runs_stay_apart() {
+        let submitted = vec![
+            delta("t1", "r1", "a"),
+            thinking("t1", "r1"),
+            delta("t1", "r1", "b"),
+            delta("t1", "r9", "c"),
+            delta("t1", "r1", "d"),
+        ];
+        let (mut jobs, mut waiters): (Vec<_>, Vec<_>) = submitted.into_iter().map(|(j, w, _)| (j, w)).unzip();
+        merge_deltas(&mut jobs, &mut waiters);
+        assert_eq!(contents(&jobs), ["a", "agent_thinking", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn a_merged_write_that_fails_fails_every_delta_in_it() {
+        let (j1, w1, mut rx1) = delta("t1", "r1", "a");
+        let (j2, w2, mut rx2) = delta("t1", "r1", "b");
+        let (mut jobs, mut waiters) = (vec![j1, j2], vec![w1, w2]);
+        merge_deltas(&mut jobs, &mut waiters);
+        assert_eq!(jobs.len(), 1);
+        let (waiter, _) = waiters.pop().expect("one job");
+        waiter.answer(Err(DeliveryError::Stopped));
+        assert!(matches!(rx1.try_recv(), Ok(Err(DeliveryError::Stopped))));
+        assert!(matches!(rx2.try_recv(), Ok(Err(DeliveryError::EarlierWriteFailed))));
+        // A job with rows is never merged into, nor merged.
+        let (mut with_rows, w3, _) = delta("t1", "r1", "c");
+        with_rows.rows.push(Row::EndRun {
+            run_id: "r1".into(),
+            status: "completed",
+            error: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+        });
+        let (j4, w4, _) = delta("t1", "r1", "d");
+        let (mut jobs, mut waiters) = (vec![with_rows, j4], vec![w3, w4]);
+        merge_deltas(&mut jobs, &mut waiters);
+        assert_eq!(jobs.len(), 2);
+    }
 }

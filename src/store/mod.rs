@@ -14,6 +14,13 @@
 //! connection, which writes a batch as one statement of arrays (typed sqlx, prepared
 //! once), and the user recorder's, which records users in batches the same way;
 //! [`cache`] and [`history`] are what this node remembers between calls.
+//!
+//! Why two drivers on SQLite: the event path (every batch, and the history a run reads)
+//! runs on one thread that owns a rusqlite connection with cached statements, because
+//! sqlx-sqlite hands every statement and row across threads, which measured several times
+//! the CPU (bench/PROFILE.md, 5, 7 and 8). The reads and REST writes go through one sqlx
+//! pool (`Any`) with one text of each statement for both backends: they are not on the
+//! measured path, and one text keeps the two backends from drifting apart.
 
 /// What recording a user who exists already does: absent claims keep stored ones.
 macro_rules! user_conflict {
