@@ -92,7 +92,9 @@ pub(crate) fn main() -> ExitCode {
         print_config(&config);
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = config.worker_threads(cores);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("netra: cannot start the async runtime: {e}");

@@ -142,6 +142,11 @@ pub const VARIABLES: &[Variable] = &[
         "on PostgreSQL: a node that has not renewed its lease for this long is gone, and another node ends its runs",
     ),
     var("NETRA_DRAIN_TIMEOUT", "10s", "on SIGTERM, how long running runs may finish before they are cancelled"),
+    var(
+        "NETRA_WORKER_THREADS",
+        "auto",
+        "threads that run connections and agents; auto is one per core, less the core SQLite's writer thread keeps busy (at least 1)",
+    ),
     var("NETRA_AGENT_TOKEN_DELAY", "15ms", "builtin agent: pause between streamed words (0 for benchmarks)"),
     var(
         "NETRA_STREAM_INTERVAL",
@@ -503,6 +508,8 @@ pub struct Config {
     pub startup_wait: Duration,
     pub limits: Limits,
     pub drain_timeout: Duration,
+    /// Threads of the async runtime; `None`: [`Config::worker_threads`] decides.
+    pub workers: Option<usize>,
     /// The broker between nodes; `None`: this node alone (in-process).
     pub redis: Option<Redis>,
     /// `None`: the id kept in the data dir (see `cluster::node_id`).
@@ -521,6 +528,20 @@ pub struct Config {
     pub analytics: Option<ClickHouse>,
     pub log_filter: String,
     pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Threads of the async runtime on a machine of `cores` cores: as configured, else
+    /// one per core, less the core SQLite's writer thread keeps busy under load. On 2
+    /// cores, two workers beside that thread measured ~20 % more CPU per chat message and
+    /// ~20 % more memory per idle connection than one (bench/PROFILE.md, 26). PostgreSQL's
+    /// writer is a task of the runtime: every core.
+    pub fn worker_threads(&self, cores: usize) -> usize {
+        self.workers.unwrap_or(match self.database {
+            DatabaseUrl::Sqlite(_) => cores.saturating_sub(1).max(1),
+            DatabaseUrl::Postgres(_) => cores.max(1),
+        })
+    }
 }
 
 /// The longest any run may take, whatever the configuration says.
@@ -910,6 +931,10 @@ impl Reader {
         }
         let agent_token_delay = self.duration("NETRA_AGENT_TOKEN_DELAY", Duration::from_millis(15));
         let stream_interval = self.duration("NETRA_STREAM_INTERVAL", Duration::from_millis(100));
+        let workers = match self.raw("NETRA_WORKER_THREADS") {
+            None | Some("auto") => None,
+            Some(_) => Some(self.positive("NETRA_WORKER_THREADS", 1usize)),
+        };
         let web_client_pace = self.duration("NETRA_WEB_CLIENT_PACE", Duration::from_millis(250));
         let llm = self.llm();
         let cors_origins =
@@ -977,6 +1002,7 @@ impl Reader {
                 max_pending_connections,
             },
             drain_timeout,
+            workers,
             redis,
             node_id,
             node_lease,
@@ -1117,6 +1143,23 @@ mod tests {
         std::fs::write(&path, "prot = 1\n").expect("write");
         let errors = load(&env(&[]), Some(&path)).expect_err("unknown key");
         assert_eq!(errors[0].var, "PROT");
+    }
+
+    #[test]
+    fn the_runtime_leaves_sqlites_writer_a_core_unless_told() {
+        let sqlite = load(&env(&[]), None).expect("defaults are valid");
+        assert_eq!([1, 2, 8].map(|cores| sqlite.worker_threads(cores)), [1, 1, 7]);
+        let pg = load(&env(&[("DATABASE_URL", "postgres://db.internal/netra")]), None).expect("valid");
+        assert_eq!([1, 2, 8].map(|cores| pg.worker_threads(cores)), [1, 2, 8]);
+        let told = load(&env(&[("NETRA_WORKER_THREADS", "3")]), None).expect("valid");
+        assert_eq!(told.worker_threads(2), 3);
+        let auto = load(&env(&[("NETRA_WORKER_THREADS", "auto")]), None).expect("valid");
+        assert_eq!(auto.worker_threads(4), 3);
+        for bad in ["0", "-1", "many"] {
+            let errors = load(&env(&[("NETRA_WORKER_THREADS", bad)]), None).expect_err(bad);
+            let vars: Vec<&str> = errors.iter().map(|e| e.var.as_str()).collect();
+            assert_eq!(vars, vec!["NETRA_WORKER_THREADS"], "{bad}: {errors:?}");
+        }
     }
 
     #[test]

@@ -154,7 +154,8 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let begun = Instant::now();
     let node_id = cluster::node_id(config.node_id.as_deref(), &config.data_dir);
-    tracing::info!(node_id = %node_id, "this node");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(node_id = %node_id, workers, "this node");
     let config = Arc::new(config);
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let (app_tx, _) = watch::channel(None);
