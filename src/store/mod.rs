@@ -646,17 +646,18 @@ impl Store {
         Ok((messages, total))
     }
 
-    /// The thread as a job submitted now will find it, when this node's writer is the
+    /// The thread as a job submitted now will find it: the `seq` its writes have reached
+    /// and its last `limit` messages (at most [`HISTORY_DEPTH`]), oldest first, from
+    /// memory. A thread being created has none, on either backend (no other writer can
+    /// know its new id). An existing one is known only when this node's writer is the
     /// only one (SQLite) and nothing of the thread is still on its way to the store (the
-    /// caller knows): the `seq` its writes have reached and its last `limit` messages
-    /// (at most [`HISTORY_DEPTH`]), oldest first, from memory. `None` when that is not
-    /// known here; a thread being created has none.
+    /// caller knows); `None` otherwise.
     pub fn history_now(&self, thread_id: &str, new_thread: bool, limit: usize) -> Option<(u64, Vec<Arc<Message>>)> {
-        if !matches!(self.writer, Some(Writer::Sqlite(_))) {
-            return None;
-        }
         if new_thread {
             return Some((0, Vec::new()));
+        }
+        if !matches!(self.writer, Some(Writer::Sqlite(_))) {
+            return None;
         }
         self.history.tail(thread_id, limit.min(HISTORY_DEPTH))
     }
