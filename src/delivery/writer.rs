@@ -29,6 +29,7 @@ pub(super) struct Chain {
     pub(super) link: Link,
 }
 
+/// Where a submitter hears how its job went: the `seq` of its first event, or why not.
 pub(super) type Reply = oneshot::Sender<Result<u64, DeliveryError>>;
 
 /// Who is told about a job's commit, and whose connections get its events.
