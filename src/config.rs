@@ -151,7 +151,7 @@ pub const VARIABLES: &[Variable] = &[
     var(
         "NETRA_STREAM_INTERVAL",
         "100ms",
-        "streamed answer text is merged into one `partial_result` per interval (0 sends every chunk)",
+        "streamed answer text is merged into one `partial_result` per interval (0 sends every chunk; under load, a run's deltas waiting for the same commit still go as one)",
     ),
     var(
         "NETRA_WEB_CLIENT_PACE",

@@ -281,8 +281,9 @@ impl EventType {
 }
 
 /// What a thread event says: each kind's payload with its fields (§3.2, §3.4), typed,
-/// so that an event is serialized once, straight into the text that is stored and sent.
-/// The kind is the variant ([`Payload::kind`]).
+/// and serialized straight into the text that is stored and sent (only `partial_result`
+/// deltas merged by the writer are read back and written again). The kind is the
+/// variant ([`Payload::kind`]).
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum Payload<'a> {
@@ -768,6 +769,80 @@ mod tests {
             json!({"executive_summary": "42", "report": {}, "recommendations": [], "action_plan": "",
                    "total_duration_ms": 7})
         );
+
+        let params = json!({"expression": "6*7"});
+        let result = json!({"value": "42"});
+        let rest = [
+            (
+                Payload::ThreadCreated { thread_id: "th_1", title: "hi" },
+                EventType::ThreadCreated,
+                json!({"thread_id": "th_1", "title": "hi"}),
+            ),
+            (
+                Payload::UserMessage { message_id: "msg_1", content: "hi", role: Role::User },
+                EventType::UserMessage,
+                json!({"message_id": "msg_1", "content": "hi", "role": "user"}),
+            ),
+            (
+                Payload::AgentStarted { status: Status::Started, message: "netra started", context: Empty {} },
+                EventType::AgentStarted,
+                json!({"status": "started", "message": "netra started", "context": {}}),
+            ),
+            (
+                Payload::AgentThinking {
+                    reasoning: "Writing",
+                    step_number: 2,
+                    total_steps: Some(2),
+                    progress_percentage: Some(66),
+                    status: Status::Thinking,
+                },
+                EventType::AgentThinking,
+                json!({"reasoning": "Writing", "step_number": 2, "total_steps": 2, "progress_percentage": 66,
+                       "status": "thinking"}),
+            ),
+            (
+                Payload::ToolExecuting {
+                    tool_name: "calculator",
+                    parameters: &params,
+                    status: Status::Executing,
+                    message: "Running calculator",
+                },
+                EventType::ToolExecuting,
+                json!({"tool_name": "calculator", "parameters": {"expression": "6*7"}, "status": "executing",
+                       "message": "Running calculator"}),
+            ),
+            (
+                Payload::ToolCompleted {
+                    tool_name: "calculator",
+                    result: &result,
+                    execution_time_ms: 1,
+                    status: Status::Completed,
+                    message: "calculator finished",
+                },
+                EventType::ToolCompleted,
+                json!({"tool_name": "calculator", "result": {"value": "42"}, "execution_time_ms": 1,
+                       "status": "completed", "message": "calculator finished"}),
+            ),
+            (
+                Payload::PartialResult { content: "4", is_complete: false },
+                EventType::PartialResult,
+                json!({"content": "4", "is_complete": false}),
+            ),
+            (
+                Payload::AgentError {
+                    status: Status::Error,
+                    error_message: "m",
+                    error_context: FailureReason { reason: "timed_out" },
+                    message: "m",
+                },
+                EventType::AgentError,
+                json!({"status": "error", "error_message": "m", "error_context": {"reason": "timed_out"}, "message": "m"}),
+            ),
+        ];
+        for (payload, kind, wire) in rest {
+            assert_eq!(payload.kind(), kind);
+            assert_eq!(json(&payload), wire, "{kind:?}");
+        }
 
         let failed =
             Payload::Error { code: ErrorCode::AgentFailed, message: "m", error_message: "m", reason: "timed_out" };

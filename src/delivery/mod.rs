@@ -95,7 +95,8 @@ pub enum Link {
 pub struct InFlight(oneshot::Receiver<Result<u64, DeliveryError>>);
 
 impl InFlight {
-    /// Waits for the commit; the `seq` of the job's first event (0 when it had none).
+    /// Waits for the commit; the `seq` of the job's first event (0 when it had none). A
+    /// `partial_result` delta merged into an earlier one of its run hears that one's.
     pub async fn wait(self) -> Result<u64, DeliveryError> {
         self.0.await.map_err(|_| DeliveryError::Stopped)?
     }
@@ -366,7 +367,9 @@ impl Delivery {
     /// fails, its later [`Link::Next`] and [`Link::Last`] writes are refused
     /// ([`DeliveryError::EarlierWriteFailed`]) instead of written, in submission order. A
     /// run can so submit its completion right behind its events, in the same commit, and
-    /// still never be recorded as completed with an event missing.
+    /// still never be recorded as completed with an event missing. A run's
+    /// `partial_result` jobs (one event each) that wait in the same batch may be written
+    /// as one event (see [`writer`]).
     pub async fn submit_in(
         &self,
         run_id: &Arc<str>,

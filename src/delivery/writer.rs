@@ -45,14 +45,14 @@ impl Waiter {
     /// Tells the job's submitter how its write went, and the submitters of the deltas
     /// merged into it: the `seq` of the one event, or that an earlier write of their run
     /// (the one their text went into) failed.
+    /// The job's own submitter hears first, so a run that checks its writes in order
+    /// finds the real error before the echoes of it.
     fn answer(self, outcome: Result<u64, DeliveryError>) {
-        for reply in self.merged {
-            let _ = reply.send(match &outcome {
-                Ok(first) => Ok(*first),
-                Err(_) => Err(DeliveryError::EarlierWriteFailed),
-            });
-        }
+        let first = outcome.as_ref().ok().copied();
         let _ = self.reply.send(outcome);
+        for reply in self.merged {
+            let _ = reply.send(first.ok_or(DeliveryError::EarlierWriteFailed));
+        }
     }
 }
 

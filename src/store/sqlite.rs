@@ -13,9 +13,11 @@
 //! at a time went from ~3.2k to ~8.1k events/s (`examples/persist`); `wsload chat` from
 //! ~955 to ~780 µs of server CPU per message, together with the pool changes in `connect`.
 
+use std::collections::HashMap;
+use std::fs::File;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
@@ -74,8 +76,9 @@ fn wait_briefly(attempts: i32) -> bool {
 /// The checkpointer's busy handler. A RESTART holds the writer while it waits for
 /// readers to leave the WAL, so it looks again every 100 µs (with SQLite's own handler,
 /// which sleeps 1, 2, 5, 10 … ms, each restart held every commit ~20 ms: the chat's p99)
-/// and gives up after ~100 ms, to try again after the next burst of commits, instead of
-/// the 5 s every other connection waits for a lock.
+/// and gives up after 1,000 looks (100 to 200 ms with the sleeps' overshoot), to try
+/// again after the next burst of commits, instead of the 5 s every other connection
+/// waits for a lock.
 fn wait_for_readers(attempts: i32) -> bool {
     std::thread::sleep(Duration::from_micros(100));
     attempts < 1_000
@@ -102,7 +105,7 @@ fn truncate(conn: &Connection) -> Result<()> {
 
 /// Copies committed WAL frames back into the database after each burst of commits,
 /// until the writer thread stops.
-fn checkpointer(conn: &Connection, database: &std::fs::File, nudges: &mpsc::Receiver<()>) {
+fn checkpointer(conn: &Connection, database: &File, nudges: &mpsc::Receiver<()>) {
     while nudges.recv().is_ok() {
         std::thread::sleep(CHECKPOINT_EVERY);
         while nudges.try_recv().is_ok() {}
@@ -112,7 +115,7 @@ fn checkpointer(conn: &Connection, database: &std::fs::File, nudges: &mpsc::Rece
     }
 }
 
-fn checkpoint(conn: &Connection, database: &std::fs::File) -> rusqlite::Result<()> {
+fn checkpoint(conn: &Connection, database: &File) -> rusqlite::Result<()> {
     let passive = || conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get::<_, i64>(1));
     let mut frames = passive()?;
     if frames < WAL_RESTART_FRAMES {
@@ -142,6 +145,26 @@ fn checkpoint(conn: &Connection, database: &std::fs::File) -> rusqlite::Result<(
     }
     passive()?;
     conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+}
+
+/// A descriptor of the database file at `path`, for the checkpointer to sync it beside
+/// the writer. It is never closed: closing any descriptor of a file drops every POSIX
+/// lock this process holds on it, SQLite's connections' included, and another process
+/// could then take the file for its last user (SQLite's "How To Corrupt", 2.2). One per
+/// file (device and inode), kept for the life of the process, as SQLite keeps its own.
+fn database_file(path: &Path) -> std::io::Result<Arc<File>> {
+    use std::os::unix::fs::MetadataExt;
+    /// By device and inode.
+    type Kept = HashMap<(u64, u64), Arc<File>>;
+    static OPEN: OnceLock<Mutex<Kept>> = OnceLock::new();
+    let meta = std::fs::metadata(path)?;
+    let mut open = OPEN.get_or_init(Mutex::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(file) = open.get(&(meta.dev(), meta.ino())) {
+        return Ok(file.clone());
+    }
+    let file = Arc::new(File::open(path)?);
+    open.insert((meta.dev(), meta.ino()), file.clone());
+    Ok(file)
 }
 
 /// A handle to the writer thread; cheap to clone. The thread stops when the last handle
@@ -188,7 +211,7 @@ impl Writer {
                     writer.busy_handler(Some(wait_briefly))?;
                     let checkpoints = open(&path, &[])?;
                     checkpoints.busy_handler(Some(wait_for_readers))?;
-                    let database = std::fs::File::open(&path).map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+                    let database = database_file(&path).map_err(|e| StoreError::Unavailable(Box::new(e)))?;
                     let (nudge, nudges) = mpsc::sync_channel(1);
                     std::thread::Builder::new()
                         .name("netra-sqlite-checkpoint".into())
@@ -493,6 +516,19 @@ mod tests {
             rows: vec![Row::CreateThread { owner_id: "u".into(), title: "t".into() }],
             events: vec![],
         }
+    }
+
+    #[test]
+    fn one_descriptor_per_database_file_is_kept_whatever_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("one.db");
+        std::fs::write(&path, b"").expect("file");
+        let first = database_file(&path).expect("opens");
+        let again = database_file(&dir.path().join(".").join("one.db")).expect("opens");
+        assert!(Arc::ptr_eq(&first, &again), "a second descriptor would have to be closed some day");
+        let other = dir.path().join("two.db");
+        std::fs::write(&other, b"").expect("file");
+        assert!(!Arc::ptr_eq(&first, &database_file(&other).expect("opens")));
     }
 
     #[tokio::test]
