@@ -5,9 +5,11 @@ mod common;
 use common::{BACKENDS, Backend, fresh_pg_url, unique};
 use netra::config::DatabaseUrl;
 use netra::config::Secret;
+use netra::delivery::{Delivery, DeliveryError, Link};
 use netra::protocol::EventType;
 use netra::store::{NewEvent, Row, Store, StoreError, WriteJob};
 use serde_json::value::RawValue;
+use std::sync::Arc;
 use std::time::Duration;
 
 async fn open(backend: Backend, dir: &tempfile::TempDir) -> Store {
@@ -16,6 +18,14 @@ async fn open(backend: Backend, dir: &tempfile::TempDir) -> Store {
         Backend::Postgres => DatabaseUrl::Postgres(Secret::new(fresh_pg_url().await)),
     };
     Store::connect(&url, Duration::from_secs(10)).await.expect("store connects")
+}
+
+/// A store on `backend` with a node's delivery on it (its writer), without a broker.
+async fn delivering(backend: Backend, dir: &tempfile::TempDir) -> (Store, Delivery) {
+    let store = open(backend, dir).await;
+    let tracker = tokio_util::task::TaskTracker::new();
+    let delivery = Delivery::start(store.clone(), 100, usize::MAX, &tracker, netra::broker::Broker::local());
+    (store, delivery)
 }
 
 fn event(kind: EventType, n: usize) -> NewEvent {
@@ -257,13 +267,9 @@ async fn users_are_recorded_and_their_claims_updated() {
 /// its later writes are refused in order, and only a closing write gets through.
 #[tokio::test]
 async fn a_failed_write_breaks_its_runs_chain() {
-    use netra::delivery::{Delivery, DeliveryError, Link};
-    use std::sync::Arc;
     for backend in BACKENDS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = open(backend, &dir).await;
-        let tracker = tokio_util::task::TaskTracker::new();
-        let delivery = Delivery::start(store.clone(), 100, usize::MAX, &tracker, netra::broker::Broker::local());
+        let (store, delivery) = delivering(backend, &dir).await;
         let thread = unique("th");
         delivery.commit(new_thread_job(&thread, "u"), "u").await.expect("create");
         let (run, other): (Arc<str>, Arc<str>) = (Arc::from("run_a"), Arc::from("run_b"));
@@ -287,6 +293,65 @@ async fn a_failed_write_breaks_its_runs_chain() {
         let seqs: Vec<u64> =
             store.events_after(&thread, 0, 100, usize::MAX).await.expect("read").iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6], "{backend:?}");
+    }
+}
+
+/// A streamed delta of `text`, as a run emits it.
+fn delta_job(thread: &str, text: &str) -> WriteJob {
+    let payload = serde_json::json!({"content": text, "is_complete": false}).to_string();
+    WriteJob {
+        thread_id: thread.into(),
+        rows: vec![],
+        events: vec![NewEvent {
+            kind: EventType::PartialResult,
+            run_id: Some("run_a".into()),
+            agent_name: Some("supervisor".into()),
+            timestamp: "2026-01-01T00:00:00.000Z".into(),
+            payload: RawValue::from_string(payload).expect("json"),
+        }],
+    }
+}
+
+/// A run's deltas waiting in one batch are one event, also when the batch fails for
+/// another job and is written again job by job: every submitter hears the merged
+/// event's seq. A delta behind a failed write of its own run is refused, not merged
+/// ahead of it.
+#[tokio::test]
+async fn merged_deltas_survive_a_failed_batch_and_never_jump_their_runs_failure() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, delivery) = delivering(backend, &dir).await;
+        let (thread, other_thread) = (unique("th"), unique("th"));
+        delivery.commit(new_thread_job(&thread, "u"), "u").await.expect("create");
+        delivery.commit(new_thread_job(&other_thread, "u"), "u").await.expect("create");
+        let (run, other): (Arc<str>, Arc<str>) = (Arc::from("run_a"), Arc::from("run_b"));
+        let missing = unique("th-missing");
+        // All submitted before any commit is awaited, as runs do: one batch, which fails
+        // for run_b's write to a missing thread.
+        let mut pending = Vec::new();
+        for text in ["Hel", "lo", ", wor"] {
+            pending.push(delivery.submit_in(&run, Link::Next, delta_job(&thread, text), "u").await.expect("submit"));
+        }
+        let early = delivery.submit_in(&other, Link::Next, delta_job(&other_thread, "w"), "u").await.expect("submit");
+        let failing = delivery.submit_in(&other, Link::Next, append_job(&missing, 1), "u").await.expect("submit");
+        pending.push(delivery.submit_in(&run, Link::Next, delta_job(&thread, "ld"), "u").await.expect("submit"));
+        // run_b's delta behind its failed write: refused, though a delta of run_b in the
+        // same thread waits before that write.
+        let refused = delivery.submit_in(&other, Link::Next, delta_job(&other_thread, "x"), "u").await.expect("submit");
+        for (i, p) in pending.into_iter().enumerate() {
+            assert_eq!(p.wait().await.expect("written"), 2, "{backend:?}: delta {i}");
+        }
+        assert_eq!(early.wait().await.expect("written"), 2, "{backend:?}");
+        assert!(matches!(failing.wait().await, Err(DeliveryError::Store(StoreError::NotFound))), "{backend:?}");
+        assert!(matches!(refused.wait().await, Err(DeliveryError::EarlierWriteFailed)), "{backend:?}");
+        let events = store.events_after(&thread, 0, 100, usize::MAX).await.expect("read");
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2], "{backend:?}");
+        let merged: serde_json::Value = serde_json::from_str(events[1].payload.get()).expect("json");
+        assert_eq!(merged["content"], "Hello, world", "{backend:?}");
+        let others = store.events_after(&other_thread, 0, 100, usize::MAX).await.expect("read");
+        assert_eq!(others.len(), 2, "{backend:?}: the creation and the early delta alone");
+        let early: serde_json::Value = serde_json::from_str(others[1].payload.get()).expect("json");
+        assert_eq!(early["content"], "w", "{backend:?}");
     }
 }
 

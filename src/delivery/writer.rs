@@ -207,7 +207,8 @@ fn publish(route: &Route, job: &WriteJob, waiter: Waiter, first: u64, wakes: &mu
 /// under way. Only what already waits is merged, so nothing waits for it: an idle server
 /// writes each delta as it comes, a loaded one fewer and longer ones. A delta joins the
 /// one before it when both are the same run's, each a job of that one event alone, and
-/// no other job of their thread lies between them (the thread's order is kept).
+/// no other job of their thread or of their run lies between them (the thread's order
+/// and the run's chain of writes are kept).
 fn merge_deltas(jobs: &mut Vec<WriteJob>, waiters: &mut Vec<(Waiter, Option<Chain>)>) {
     let is_delta = |job: &WriteJob, chain: &Option<Chain>| {
         job.rows.is_empty()
@@ -225,12 +226,17 @@ fn merge_deltas(jobs: &mut Vec<WriteJob>, waiters: &mut Vec<(Waiter, Option<Chai
         .map(|(job, (_, chain))| if is_delta(job, chain) { delta_text(job) } else { None })
         .collect();
     let mut into: Vec<Option<usize>> = vec![None; jobs.len()];
+    // The latest job kept of each thread and of each run's chain: a delta joins a delta
+    // that is both, so neither the thread's order nor the chain's is changed (a delta
+    // must not jump over a write of its run that may fail).
     let mut last_of_thread: HashMap<&str, usize> = HashMap::new();
+    let mut last_of_run: HashMap<&str, usize> = HashMap::new();
     for (j, job) in jobs.iter().enumerate() {
+        let run = waiters[j].1.as_ref().map(|c| &*c.run_id);
         if let Some(&i) = last_of_thread.get(job.thread_id.as_str())
             && texts[i].is_some()
             && texts[j].is_some()
-            && waiters[i].1.as_ref().map(|c| &c.run_id) == waiters[j].1.as_ref().map(|c| &c.run_id)
+            && run.and_then(|run| last_of_run.get(run)) == Some(&i)
         {
             let text = texts[j].take().unwrap_or_default();
             texts[i].get_or_insert_default().push_str(&text);
@@ -238,6 +244,9 @@ fn merge_deltas(jobs: &mut Vec<WriteJob>, waiters: &mut Vec<(Waiter, Option<Chai
             continue;
         }
         last_of_thread.insert(&job.thread_id, j);
+        if let Some(run) = run {
+            last_of_run.insert(run, j);
+        }
     }
     let merged = into.iter().flatten().count();
     if merged == 0 {
@@ -369,6 +378,12 @@ mod tests {
         let (mut jobs, mut waiters): (Vec<_>, Vec<_>) = submitted.into_iter().map(|(j, w, _)| (j, w)).unzip();
         merge_deltas(&mut jobs, &mut waiters);
         assert_eq!(contents(&jobs), ["a", "agent_thinking", "b", "c", "d"]);
+        // A write of the same run to another thread lies between: it may fail, and the
+        // later delta must then be refused, not written ahead of it.
+        let submitted = vec![delta("t1", "r1", "a"), thinking("t2", "r1"), delta("t1", "r1", "b")];
+        let (mut jobs, mut waiters): (Vec<_>, Vec<_>) = submitted.into_iter().map(|(j, w, _)| (j, w)).unzip();
+        merge_deltas(&mut jobs, &mut waiters);
+        assert_eq!(contents(&jobs), ["a", "agent_thinking", "b"]);
     }
 
     #[test]
