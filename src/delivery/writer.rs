@@ -225,7 +225,10 @@ fn merge_deltas(jobs: &mut Vec<WriteJob>, waiters: &mut Vec<(Waiter, Option<Chai
         .zip(waiters.iter())
         .map(|(job, (_, chain))| if is_delta(job, chain) { delta_text(job) } else { None })
         .collect();
+    // Where each merged delta went, and which deltas took others in.
     let mut into: Vec<Option<usize>> = vec![None; jobs.len()];
+    let mut grown = vec![false; jobs.len()];
+    let mut merged = 0;
     // The latest job kept of each thread and of each run's chain: a delta joins a delta
     // that is both, so neither the thread's order nor the chain's is changed (a delta
     // must not jump over a write of its run that may fail).
@@ -241,6 +244,8 @@ fn merge_deltas(jobs: &mut Vec<WriteJob>, waiters: &mut Vec<(Waiter, Option<Chai
             let text = texts[j].take().unwrap_or_default();
             texts[i].get_or_insert_default().push_str(&text);
             into[j] = Some(i);
+            grown[i] = true;
+            merged += 1;
             continue;
         }
         last_of_thread.insert(&job.thread_id, j);
@@ -248,16 +253,11 @@ fn merge_deltas(jobs: &mut Vec<WriteJob>, waiters: &mut Vec<(Waiter, Option<Chai
             last_of_run.insert(run, j);
         }
     }
-    let merged = into.iter().flatten().count();
     if merged == 0 {
         return;
     }
-    metrics::counter!(metric::DELTAS_MERGED).increment(merged as u64);
+    metrics::counter!(metric::DELTAS_MERGED).increment(merged);
     let mut position = vec![0; jobs.len()];
-    let mut grown = vec![false; jobs.len()];
-    for i in into.iter().flatten() {
-        grown[*i] = true;
-    }
     let all = std::mem::take(jobs).into_iter().zip(std::mem::take(waiters));
     for (j, (mut job, (waiter, chain))) in all.enumerate() {
         match into[j] {

@@ -934,11 +934,11 @@ impl<'a> Batch<'a> {
 
     /// The first `seq` of each job, from the `(id, last_seq)` each thread reached in the
     /// writing transaction. A thread that is missing or deleted fails the batch (`NotFound`).
-    fn firsts(&self, handed_out: Vec<(String, i64)>) -> Result<Vec<i64>> {
+    fn firsts<'s>(&self, handed_out: impl IntoIterator<Item = (&'s str, i64)>) -> Result<Vec<i64>> {
         // The seq each thread had before the batch.
         let mut before: HashMap<&str, i64> = HashMap::with_capacity(self.totals.len());
-        for (id, last) in &handed_out {
-            if let Some((thread, n)) = self.totals.iter().find(|(t, _)| t == id) {
+        for (id, last) in handed_out {
+            if let Some((thread, n)) = self.totals.iter().find(|(t, _)| *t == id) {
                 before.insert(thread, last - n);
             }
         }

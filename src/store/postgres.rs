@@ -173,17 +173,13 @@ async fn write_batch(conn: &mut PgConnection, jobs: &[WriteJob], now: i64) -> Re
         }
         _ => StoreError::from(e),
     })?;
-    let mut handed_out = Vec::with_capacity(batch.totals.len());
-    for row in rows {
-        handed_out.push((row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?));
-    }
+    let allocated = rows
+        .iter()
+        .map(|row| Ok((row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?)))
+        .collect::<Result<Vec<_>>>()?;
     // A created thread's last seq is its number of events in the batch.
-    for (thread, n) in &batch.totals {
-        if columns.created_ids.contains(thread) {
-            handed_out.push((thread.to_string(), *n));
-        }
-    }
-    batch.firsts(handed_out)
+    let created = batch.totals.iter().filter(|(thread, _)| columns.created_ids.contains(thread)).copied();
+    batch.firsts(allocated.iter().map(|(id, last)| (id.as_str(), *last)).chain(created))
 }
 
 /// A user to record and who waits for it.

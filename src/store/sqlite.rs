@@ -390,9 +390,9 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
             }
         }
     }
-    let mut handed_out = Vec::with_capacity(batch.totals.len());
-    // Each thread's number, which its events and messages are filed under.
-    let mut nums: Vec<(&str, i64)> = Vec::with_capacity(batch.totals.len());
+    // Each thread's last seq after the batch, and its number, which its events and
+    // messages are filed under.
+    let mut allocated: Vec<(&str, i64, i64)> = Vec::with_capacity(batch.totals.len());
     {
         let mut allocate = tx.prepare_cached(
             "UPDATE threads SET last_seq = last_seq + ?2, updated_at = ?3 \
@@ -401,15 +401,15 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
         for (thread, n) in &batch.totals {
             let mut rows = allocate.query(rusqlite::params![thread, n, now])?;
             if let Some(row) = rows.next()? {
-                handed_out.push((thread.to_string(), row.get(0)?));
-                nums.push((thread, row.get(1)?));
+                allocated.push((thread, row.get(0)?, row.get(1)?));
             }
         }
     }
     // A thread missing or deleted fails the batch here: no row of it is written.
-    let firsts = batch.firsts(handed_out)?;
-    let num_of =
-        |thread: &str| nums.iter().find(|(t, _)| *t == thread).map(|(_, num)| *num).ok_or(StoreError::NotFound);
+    let firsts = batch.firsts(allocated.iter().map(|(thread, last, _)| (*thread, *last)))?;
+    let num_of = |thread: &str| {
+        allocated.iter().find(|(t, _, _)| *t == thread).map(|(_, _, num)| *num).ok_or(StoreError::NotFound)
+    };
     let mut event = tx.prepare_cached(
         "INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
