@@ -94,13 +94,7 @@ async fn a_failed_write_leaves_no_row_behind() {
         // fails after the thread, message and events were written in the transaction.
         let doomed = unique("th");
         let mut job = new_thread_job(&doomed, "u");
-        job.rows.push(Row::Message {
-            id: unique("msg"),
-            role: "user",
-            content: "hi".into(),
-            run_id: Some(run.clone()),
-            event_index: 0,
-        });
+        job.rows.push(Row::Message { id: unique("msg"), role: "user", content: "hi".into(), event_index: 0 });
         job.rows.push(Row::StartRun { run_id: run.clone(), user_id: "u".into(), node_id: "n".into() });
         let err = store.write_batch(&vec![job].into()).await.expect_err("duplicate run id");
         assert!(matches!(err, StoreError::Rejected(_)), "{backend:?}: {err:?}");
@@ -166,10 +160,21 @@ async fn soft_deleted_threads_are_hidden_and_refuse_writes() {
     }
 }
 
+/// A job that appends a user's message: its `user_message` event and the row that
+/// makes the event a message.
 fn message_job(thread: &str, text: &str) -> WriteJob {
-    let mut job = append_job(thread, 1);
-    job.rows.push(Row::Message { id: unique("msg"), role: "user", content: text.into(), run_id: None, event_index: 0 });
-    job
+    let id = unique("msg");
+    let payload = serde_json::json!({"message_id": id, "content": text, "role": "user"}).to_string();
+    let echo = NewEvent {
+        kind: EventType::UserMessage,
+        payload: RawValue::from_string(payload).expect("json"),
+        ..event(EventType::UserMessage, 0)
+    };
+    WriteJob {
+        thread_id: thread.into(),
+        rows: vec![Row::Message { id, role: "user", content: text.into(), event_index: 0 }],
+        events: vec![echo],
+    }
 }
 
 /// The history a run would read right after the thread's latest write.
@@ -503,14 +508,21 @@ async fn old_database(backend: Backend, dir: &tempfile::TempDir) -> DatabaseUrl 
             "INSERT INTO threads (id, owner_id, title, created_at, updated_at, last_seq) \
              VALUES ('{thread}', '{owner}', 'old', 1, 1, {last_seq})"
         ));
+        // Every event is a message: the user's, and on th_old_a an answer last.
         for seq in 1..=last_seq {
+            let text = format!("said {seq} in {thread}");
+            let (kind, role, payload) = if thread == "th_old_a" && seq == last_seq {
+                ("final_report", "assistant", format!("{{\"executive_summary\":\"{text}\",\"report\":{{}}}}"))
+            } else {
+                ("user_message", "user", format!("{{\"message_id\":\"msg_{thread}_{seq}\",\"content\":\"{text}\"}}"))
+            };
             statements.push(format!(
                 "INSERT INTO events (thread_id, seq, run_id, type, payload, created_at) \
-                 VALUES ('{thread}', {seq}, 'run_old', 'partial_result', '{{\"n\":{seq}}}', '2026-01-01T00:00:00Z')"
+                 VALUES ('{thread}', {seq}, 'run_old', '{kind}', '{payload}', '2026-01-01T00:00:0{seq}.500Z')"
             ));
             statements.push(format!(
                 "INSERT INTO messages (id, thread_id, seq, role, content, created_at) \
-                 VALUES ('msg_{thread}_{seq}', '{thread}', {seq}, 'user', 'said {seq} in {thread}', 1)"
+                 VALUES ('msg_{thread}_{seq}', '{thread}', {seq}, '{role}', '{text}', 1)"
             ));
         }
     }
@@ -546,11 +558,21 @@ async fn an_older_database_keeps_its_events_and_messages_when_filed_under_thread
         assert_eq!(seqs(store.events_after(a, 0, 100, usize::MAX).await.expect("a")), vec![1, 2, 3], "{backend:?}");
         let b_events = store.events_after(b, 1, 100, usize::MAX).await.expect("b");
         assert_eq!(seqs(b_events.clone()), vec![2], "{backend:?}");
-        assert_eq!(b_events[0].payload.get(), "{\"n\":2}", "{backend:?}");
+        assert_eq!(
+            b_events[0].payload.get(),
+            "{\"message_id\":\"msg_th_old_b_2\",\"content\":\"said 2 in th_old_b\"}",
+            "{backend:?}"
+        );
         let (messages, total) = store.messages(b, 10, 0).await.expect("messages");
         assert_eq!(total, 2, "{backend:?}");
         let texts: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
         assert_eq!(texts, ["said 1 in th_old_b", "said 2 in th_old_b"], "{backend:?}");
+        // Messages keep their ids, roles and places; their time is their event's.
+        let (messages, _) = store.messages(a, 10, 1).await.expect("messages");
+        let seen: Vec<(&str, &str, i64, i64)> =
+            messages.iter().map(|m| (m.id.as_str(), m.role.as_str(), m.seq, m.created_at)).collect();
+        let (at2, at3) = (1_767_225_602_500, 1_767_225_603_500);
+        assert_eq!(seen, [("msg_th_old_a_2", "user", 2, at2), ("msg_th_old_a_3", "assistant", 3, at3)], "{backend:?}");
         assert_eq!(store.thread(a).await.expect("thread").message_count, 3, "{backend:?}");
         assert_eq!(history(&store, a, 2).await, ["said 2 in th_old_a", "said 3 in th_old_a"], "{backend:?}");
         // Writing goes on from where the old rows stopped; a new thread gets a number of

@@ -501,7 +501,6 @@ impl Supervisor {
             id: message_id.clone(),
             role: "user",
             content: text.to_string(),
-            run_id: Some(run_id.clone()),
             event_index: message_index,
         });
         rows.push(Row::StartRun {
@@ -801,7 +800,6 @@ impl Supervisor {
                     id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
                     role: "assistant",
                     content: answer.text.clone(),
-                    run_id: Some(ctx.run_id.to_string()),
                     event_index: 1,
                 });
                 ("completed", job)

@@ -101,7 +101,7 @@ impl HistoryCache {
         let last = first + job.events.len() as u64 - 1;
         let created = job.rows.iter().any(|r| matches!(r, Row::CreateThread { .. }));
         let new_messages = job.rows.iter().filter_map(|row| match row {
-            Row::Message { id, role, content, event_index, .. } => Some(Arc::new(Message {
+            Row::Message { id, role, content, event_index } => Some(Arc::new(Message {
                 id: id.clone(),
                 role: (*role).to_string(),
                 content: content.clone(),
@@ -186,13 +186,7 @@ mod tests {
             rows.push(Row::CreateThread { owner_id: "u".into(), title: "t".into() });
         }
         for (i, text) in texts.iter().enumerate() {
-            rows.push(Row::Message {
-                id: format!("m{text}"),
-                role: "user",
-                content: (*text).into(),
-                run_id: None,
-                event_index: i,
-            });
+            rows.push(Row::Message { id: format!("m{text}"), role: "user", content: (*text).into(), event_index: i });
         }
         let event = NewEvent {
             kind: crate::protocol::EventType::UserMessage,

@@ -1,11 +1,13 @@
-//! The source of truth: users, threads, messages, runs and every thread event, in SQLite
-//! (the embedded default, WAL) or PostgreSQL, through one [`Store`] API. SQL lives in
-//! this module only. Multi-row writes are single transactions: a failed one leaves
-//! nothing behind. Sequence numbers are handed out inside the writing transaction from
-//! the thread row, so they stay dense and unique under concurrent writers on any node.
-//! Events and messages are filed under the thread's number (`threads.num`, an integer)
-//! rather than its text id: theirs are the indexes a chat writes most (migration 0009).
-//! The API speaks thread ids; reads find the number by the id in the same statement.
+//! The source of truth: users, threads, runs and every thread event, in SQLite (the
+//! embedded default, WAL) or PostgreSQL, through one [`Store`] API. SQL lives in this
+//! module only. Multi-row writes are single transactions: a failed one leaves nothing
+//! behind. Sequence numbers are handed out inside the writing transaction from the
+//! thread row, so they stay dense and unique under concurrent writers on any node.
+//! Events are filed under the thread's number (`threads.num`, an integer) rather than
+//! its text id: theirs is the index a chat writes most (migration 0009). The API speaks
+//! thread ids; reads find the number by the id in the same statement. A chat message is
+//! the event that carries it (a `user_message` or a `final_report`, stored with the
+//! message's id), and the thread row counts them: the text is stored once (migration 0010).
 //!
 //! Who owns what: this module is the facade (the API, its types and errors, the reads and
 //! REST writes through the sqlx pool, the plan that hands out `seq` numbers to a batch);
@@ -118,6 +120,7 @@ const MIGRATIONS: &[(i64, &str, Option<Backend>)] = &[
     (7, include_str!("migrations/0007_sqlite_thread_numbers.sql"), Some(Backend::Sqlite)),
     (8, include_str!("migrations/0008_postgres_thread_numbers.sql"), Some(Backend::Postgres)),
     (9, include_str!("migrations/0009_events_by_thread_number.sql"), None),
+    (10, include_str!("migrations/0010_messages_are_events.sql"), None),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,12 +263,14 @@ pub enum Row {
         owner_id: String,
         title: String,
     },
-    /// A message whose position is the `seq` of the job's event at `event_index`.
+    /// The job's event at `event_index` is a chat message (a `user_message` echo or a
+    /// `final_report`) with this id: the event is stored with it and the thread's
+    /// `message_count` grows. `role` and `content` are what the event says, for the
+    /// history this node keeps.
     Message {
         id: String,
         role: &'static str,
         content: String,
-        run_id: Option<String>,
         event_index: usize,
     },
     StartRun {
@@ -289,6 +294,22 @@ pub struct WriteJob {
     pub thread_id: String,
     pub rows: Vec<Row>,
     pub events: Vec<NewEvent>,
+}
+
+impl WriteJob {
+    /// The id of the message that the job's event at `index` carries, if it carries one.
+    fn message_at(&self, index: usize) -> Option<&str> {
+        self.rows.iter().find_map(|row| match row {
+            Row::Message { id, event_index, .. } if *event_index == index => Some(id.as_str()),
+            _ => None,
+        })
+    }
+
+    /// How many of the job's events carry a message.
+    fn message_count(&self) -> i64 {
+        let carried = |row: &&Row| matches!(row, Row::Message { event_index, .. } if *event_index < self.events.len());
+        self.rows.iter().filter(carried).count() as i64
+    }
 }
 
 pub fn now_ms() -> i64 {
@@ -608,27 +629,26 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         // The thread row first: a batch writing the thread holds its lock, so this waits
         // for that batch to commit, and the deletes below then see its rows; a batch that
-        // comes after finds no thread. (Events and messages have no cascade.)
+        // comes after finds no thread. (Events have no cascade.)
         let num: Option<i64> = sqlx::query_scalar("DELETE FROM threads WHERE id = $1 RETURNING num")
             .bind(thread_id)
             .fetch_optional(&mut *tx)
             .await?;
         if let Some(num) = num {
-            for table in ["events", "messages"] {
-                sqlx::query(&format!("DELETE FROM {table} WHERE thread_num = $1")).bind(num).execute(&mut *tx).await?;
-            }
+            sqlx::query("DELETE FROM events WHERE thread_num = $1").bind(num).execute(&mut *tx).await?;
         }
         sqlx::query("DELETE FROM runs WHERE thread_id = $1").bind(thread_id).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// A page of a thread's messages in conversation order, and the total count.
+    /// A page of a thread's messages in conversation order, and the total count (none
+    /// for a thread that does not exist).
     #[instrument(skip_all, fields(thread_id))]
     pub async fn messages(&self, thread_id: &str, limit: i64, offset: i64) -> Result<(Vec<Message>, i64)> {
         let rows = sqlx::query(
-            "SELECT id, role, content, created_at, metadata, seq FROM messages \
-             WHERE thread_num = (SELECT num FROM threads WHERE id = $1) \
+            "SELECT message_id, type, payload, created_at, seq FROM events \
+             WHERE thread_num = (SELECT num FROM threads WHERE id = $1) AND message_id IS NOT NULL \
              ORDER BY seq LIMIT $2 OFFSET $3",
         )
         .bind(thread_id)
@@ -636,14 +656,12 @@ impl Store {
         .bind(offset)
         .fetch_all(&self.pool)
         .await?;
-        let total: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM messages WHERE thread_num = (SELECT num FROM threads WHERE id = $1)",
-        )
-        .bind(thread_id)
-        .fetch_one(&self.pool)
-        .await?;
+        let total: Option<i64> = sqlx::query_scalar("SELECT message_count FROM threads WHERE id = $1")
+            .bind(thread_id)
+            .fetch_optional(&self.pool)
+            .await?;
         let messages = rows.iter().map(message_from_row).collect::<Result<_>>()?;
-        Ok((messages, total))
+        Ok((messages, total.unwrap_or(0)))
     }
 
     /// The thread as a job submitted now will find it: the `seq` its writes have reached
@@ -907,6 +925,8 @@ struct Batch<'a> {
     jobs: &'a [WriteJob],
     /// Events per thread of the batch, in order of first appearance.
     totals: Vec<(&'a str, i64)>,
+    /// Messages per thread of the batch (events that carry one), in the same order.
+    messages: Vec<i64>,
     /// Each job's place among its thread's events in the batch: that of its first event
     /// (or of the next one, for a job without events), from 1.
     places: Vec<i64>,
@@ -915,6 +935,7 @@ struct Batch<'a> {
 impl<'a> Batch<'a> {
     fn new(jobs: &'a [WriteJob]) -> Self {
         let mut totals: Vec<(&str, i64)> = Vec::new();
+        let mut messages: Vec<i64> = Vec::new();
         let mut placed: HashMap<&str, i64> = HashMap::new();
         let mut places = Vec::with_capacity(jobs.len());
         for job in jobs {
@@ -924,12 +945,18 @@ impl<'a> Batch<'a> {
             if job.events.is_empty() {
                 continue;
             }
-            match totals.iter_mut().find(|(t, _)| *t == job.thread_id) {
-                Some((_, n)) => *n += job.events.len() as i64,
-                None => totals.push((&job.thread_id, job.events.len() as i64)),
+            match totals.iter().position(|(t, _)| *t == job.thread_id) {
+                Some(i) => {
+                    totals[i].1 += job.events.len() as i64;
+                    messages[i] += job.message_count();
+                }
+                None => {
+                    totals.push((&job.thread_id, job.events.len() as i64));
+                    messages.push(job.message_count());
+                }
             }
         }
-        Self { jobs, totals, places }
+        Self { jobs, totals, messages, places }
     }
 
     /// The first `seq` of each job, from the `(id, last_seq)` each thread reached in the
@@ -957,10 +984,11 @@ impl<'a> Batch<'a> {
 /// A thread's last messages, newest first (the run's history), each with the thread's
 /// `last_seq` as of the same snapshot (one statement: one snapshot on both backends).
 /// SQLite reads `$1`, `$2` as named parameters numbered in order of first appearance,
-/// so rusqlite binds them by position.
-const RECENT_MESSAGES: &str = "SELECT id, role, content, created_at, metadata, seq, \
+/// so rusqlite binds them by position. The columns are [`Message::from_event`]'s.
+const RECENT_MESSAGES: &str = "SELECT message_id, type, payload, created_at, seq, \
      (SELECT last_seq FROM threads WHERE id = $1) AS through_seq \
-     FROM messages WHERE thread_num = (SELECT num FROM threads WHERE id = $1) ORDER BY seq DESC LIMIT $2";
+     FROM events WHERE thread_num = (SELECT num FROM threads WHERE id = $1) AND message_id IS NOT NULL \
+     ORDER BY seq DESC LIMIT $2";
 
 /// The most a thread's metadata may hold, as stored JSON. Every thread listing returns it.
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
@@ -977,8 +1005,8 @@ fn metadata_text(metadata: &Value) -> Result<String> {
     Ok(text)
 }
 
-const THREAD_SELECT: &str = "SELECT t.id, t.owner_id, t.title, t.metadata, t.created_at, t.updated_at, t.last_seq, \
-     (SELECT COUNT(*) FROM messages m WHERE m.thread_num = t.num) AS message_count FROM threads t";
+const THREAD_SELECT: &str = "SELECT t.id, t.owner_id, t.title, t.metadata, t.created_at, t.updated_at, t.last_seq, t.message_count \
+     FROM threads t";
 
 fn thread_from_row(row: &AnyRow) -> Result<Thread> {
     let metadata: String = row.try_get("metadata")?;
@@ -995,15 +1023,40 @@ fn thread_from_row(row: &AnyRow) -> Result<Thread> {
 }
 
 fn message_from_row(row: &AnyRow) -> Result<Message> {
-    let metadata: String = row.try_get("metadata")?;
-    Ok(Message {
-        id: row.try_get("id")?,
-        role: row.try_get("role")?,
-        content: row.try_get("content")?,
-        created_at: row.try_get("created_at")?,
-        metadata: serde_json::from_str(&metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        seq: row.try_get("seq")?,
-    })
+    let (kind, payload, at): (String, String, String) =
+        (row.try_get("type")?, row.try_get("payload")?, row.try_get("created_at")?);
+    Message::from_event(row.try_get("message_id")?, &kind, &payload, &at, row.try_get("seq")?)
+}
+
+impl Message {
+    /// The message an event carries, from its stored columns: a `user_message` is the
+    /// user's (its `content`), a `final_report` the agent's answer (its
+    /// `executive_summary`), and its time is the event's.
+    fn from_event(id: String, kind: &str, payload: &str, at: &str, seq: i64) -> Result<Self> {
+        #[derive(serde::Deserialize)]
+        struct Said {
+            content: Option<String>,
+            executive_summary: Option<String>,
+        }
+        let corrupt = |why: String| StoreError::Corrupt(format!("message {id} at seq {seq}: {why}"));
+        let said: Said = serde_json::from_str(payload).map_err(|e| corrupt(e.to_string()))?;
+        let (role, content) = match kind {
+            "user_message" => ("user", said.content),
+            "final_report" => ("assistant", said.executive_summary),
+            other => return Err(corrupt(format!("carried by a {other} event"))),
+        };
+        let content = content.ok_or_else(|| corrupt(format!("its {kind} event has no text")))?;
+        let at = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .map_err(|e| corrupt(format!("time {at:?}: {e}")))?;
+        Ok(Self {
+            id,
+            role: role.to_string(),
+            content,
+            created_at: (at.unix_timestamp_nanos() / 1_000_000) as i64,
+            metadata: Value::Object(Default::default()),
+            seq,
+        })
+    }
 }
 
 /// A migration without its comment lines, so that statements can be split at semicolons

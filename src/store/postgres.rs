@@ -23,50 +23,46 @@ use super::{Batch, NewUser, Result, Row, StoreError, WriteJob, shared_outcome};
 /// their row lock (`allocated`), which serializes every writer of a thread, on every
 /// node, until commit: that is what keeps seq dense and unique. Sibling parts of one
 /// statement see the same snapshot, so a run that starts and ends in the batch is
-/// inserted with its ending ([`Columns::push_row`]). An event, message or run start of a
-/// thread that is missing or deleted has no base, hence a null `thread_num` (a run's
+/// inserted with its ending ([`Columns::push_row`]). An event or run start of a thread
+/// that is missing or deleted has no base, hence a null `thread_num` (a run's
 /// `thread_id`): the statement fails whole and the error reads as [`StoreError::NotFound`].
 /// That is also why these tables need no foreign keys (migrations 0006, 0009): every
-/// row's thread is created or locked by the statement that writes it. Events and messages
-/// are filed under the thread's number (`num`), which the same parts return.
+/// row's thread is created or locked by the statement that writes it. Events are filed
+/// under the thread's number (`num`), which the same parts return; an event that is a
+/// chat message carries its id, and its thread's `message_count` grows with it.
 const WRITE_BATCH: &str = "\
 WITH created AS (
-    INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq)
-    SELECT id, owner_id, title, '{}', $1, $1, n
-    FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[]) AS c (id, owner_id, title, n)
+    INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq, message_count)
+    SELECT id, owner_id, title, '{}', $1, $1, n, m
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[]) AS c (id, owner_id, title, n, m)
     RETURNING id, num, 0::bigint AS base
 ), allocated AS (
-    UPDATE threads t SET last_seq = t.last_seq + a.n, updated_at = $1
-    FROM unnest($6::text[], $7::bigint[]) AS a (id, n)
+    UPDATE threads t SET last_seq = t.last_seq + a.n, message_count = t.message_count + a.m, updated_at = $1
+    FROM unnest($7::text[], $8::bigint[], $9::bigint[]) AS a (id, n, m)
     WHERE t.id = a.id AND t.deleted_at IS NULL
     RETURNING t.id, t.num, t.last_seq AS last_seq, t.last_seq - a.n AS base
 ), bases AS (
     SELECT id, num, base FROM created UNION ALL SELECT id, num, base FROM allocated
 ), written_events AS (
-    INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at)
-    SELECT b.num, b.base + e.n, e.run_id, e.type, e.agent_name, e.payload, e.created_at
-    FROM unnest($8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])
-        AS e (thread_id, n, run_id, type, agent_name, payload, created_at)
+    INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at, message_id)
+    SELECT b.num, b.base + e.n, e.run_id, e.type, e.agent_name, e.payload, e.created_at, e.message_id
+    FROM unnest($10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],
+                $17::text[])
+        AS e (thread_id, n, run_id, type, agent_name, payload, created_at, message_id)
     LEFT JOIN bases b ON b.id = e.thread_id
-), written_messages AS (
-    INSERT INTO messages (id, thread_num, seq, role, content, run_id, created_at)
-    SELECT m.id, b.num, b.base + m.n, m.role, m.content, m.run_id, $1
-    FROM unnest($15::text[], $16::text[], $17::bigint[], $18::text[], $19::text[], $20::text[])
-        AS m (id, thread_id, n, role, content, run_id)
-    LEFT JOIN bases b ON b.id = m.thread_id
 ), started AS (
     INSERT INTO runs (id, thread_id, user_id, node_id, started_at, status, ended_at, error,
                       prompt_tokens, completion_tokens)
     SELECT s.id, b.id, s.user_id, s.node_id, $1, s.status, CASE WHEN s.status = 'running' THEN NULL ELSE $1 END,
            s.error, s.prompt_tokens, s.completion_tokens
-    FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::bigint[],
-                $28::bigint[])
+    FROM unnest($18::text[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[], $24::bigint[],
+                $25::bigint[])
         AS s (id, thread_id, user_id, node_id, status, error, prompt_tokens, completion_tokens)
     LEFT JOIN bases b ON b.id = s.thread_id
 ), ended AS (
     UPDATE runs r SET status = u.status, ended_at = $1, error = u.error, prompt_tokens = u.prompt_tokens,
                       completion_tokens = u.completion_tokens
-    FROM unnest($29::text[], $30::text[], $31::text[], $32::bigint[], $33::bigint[])
+    FROM unnest($26::text[], $27::text[], $28::text[], $29::bigint[], $30::bigint[])
         AS u (id, status, error, prompt_tokens, completion_tokens)
     WHERE r.id = u.id
 )
@@ -230,8 +226,10 @@ struct Columns<'a> {
     created_owners: Vec<&'a str>,
     created_titles: Vec<&'a str>,
     created_events: Vec<i64>,
+    created_messages: Vec<i64>,
     allocated_ids: Vec<&'a str>,
     allocated_events: Vec<i64>,
+    allocated_messages: Vec<i64>,
     event_threads: Vec<&'a str>,
     /// An event's place among its thread's events in the batch, from 1.
     event_places: Vec<i64>,
@@ -240,12 +238,7 @@ struct Columns<'a> {
     event_agents: Vec<Option<&'a str>>,
     event_payloads: Vec<&'a str>,
     event_times: Vec<&'a str>,
-    message_ids: Vec<&'a str>,
-    message_threads: Vec<&'a str>,
-    message_places: Vec<i64>,
-    message_roles: Vec<&'a str>,
-    message_contents: Vec<&'a str>,
-    message_runs: Vec<Option<&'a str>>,
+    event_messages: Vec<Option<&'a str>>,
     starts: Vec<Run<'a>>,
     ends: Vec<Run<'a>>,
 }
@@ -275,33 +268,44 @@ impl<'a> Run<'a> {
 impl<'a> Columns<'a> {
     fn of(batch: &Batch<'a>) -> Self {
         let mut c = Self::default();
-        let events_of = |thread: &str| batch.totals.iter().find(|(t, _)| *t == thread).map_or(0, |(_, n)| *n);
+        // Events and messages per thread.
+        let counts = |thread: &str| {
+            let i = batch.totals.iter().position(|(t, _)| *t == thread);
+            i.map_or((0, 0), |i| (batch.totals[i].1, batch.messages[i]))
+        };
         for job in batch.jobs {
             for row in &job.rows {
                 if let Row::CreateThread { owner_id, title } = row {
+                    let (events, messages) = counts(&job.thread_id);
                     c.created_ids.push(&job.thread_id);
                     c.created_owners.push(owner_id);
                     c.created_titles.push(title);
-                    c.created_events.push(events_of(&job.thread_id));
+                    c.created_events.push(events);
+                    c.created_messages.push(messages);
                 }
             }
         }
         // Every existing thread a row needs is locked, a thread with no events in the
-        // batch too (0 seq handed out): a message or run row of a job without events
-        // still finds its thread's base, or fails the batch if the thread is gone.
-        let mut allocated: Vec<(&str, i64)> =
-            batch.totals.iter().filter(|(thread, _)| !c.created_ids.contains(thread)).copied().collect();
+        // batch too (0 seq handed out): a run row of a job without events still finds
+        // its thread's base, or fails the batch if the thread is gone.
+        let mut allocated: Vec<&str> =
+            batch.totals.iter().map(|(thread, _)| *thread).filter(|thread| !c.created_ids.contains(thread)).collect();
         for job in batch.jobs {
             let thread = job.thread_id.as_str();
-            let needs_base = job.rows.iter().any(|r| matches!(r, Row::Message { .. } | Row::StartRun { .. }));
-            if needs_base && !c.created_ids.contains(&thread) && !allocated.iter().any(|(t, _)| *t == thread) {
-                allocated.push((thread, 0));
+            let needs_base = job.rows.iter().any(|r| matches!(r, Row::StartRun { .. }));
+            if needs_base && !c.created_ids.contains(&thread) && !allocated.contains(&thread) {
+                allocated.push(thread);
             }
         }
         // Locked in id order, the same on every node: two nodes' batches that share
         // threads wait for each other instead of deadlocking.
-        allocated.sort_unstable_by_key(|(thread, _)| *thread);
-        (c.allocated_ids, c.allocated_events) = allocated.into_iter().unzip();
+        allocated.sort_unstable();
+        for thread in allocated {
+            let (events, messages) = counts(thread);
+            c.allocated_ids.push(thread);
+            c.allocated_events.push(events);
+            c.allocated_messages.push(messages);
+        }
         for (job, &first) in batch.jobs.iter().zip(&batch.places) {
             let thread = job.thread_id.as_str();
             for (i, event) in job.events.iter().enumerate() {
@@ -312,26 +316,19 @@ impl<'a> Columns<'a> {
                 c.event_agents.push(event.agent_name.as_deref());
                 c.event_payloads.push(event.payload.get());
                 c.event_times.push(&event.timestamp);
+                c.event_messages.push(job.message_at(i));
             }
             for row in &job.rows {
-                c.push_row(thread, first, row);
+                c.push_row(thread, row);
             }
         }
         c
     }
 
-    /// A job's message or run row; `first` is the place of the job's first event.
-    fn push_row(&mut self, thread_id: &'a str, first: i64, row: &'a Row) {
+    /// A job's run row (thread and message rows are written with the thread and events).
+    fn push_row(&mut self, thread_id: &'a str, row: &'a Row) {
         match row {
-            Row::CreateThread { .. } => {}
-            Row::Message { id, role, content, run_id, event_index } => {
-                self.message_ids.push(id);
-                self.message_threads.push(thread_id);
-                self.message_places.push(first + *event_index as i64);
-                self.message_roles.push(role);
-                self.message_contents.push(content);
-                self.message_runs.push(run_id.as_deref());
-            }
+            Row::CreateThread { .. } | Row::Message { .. } => {}
             Row::StartRun { run_id, user_id, node_id } => {
                 let mut start = Run { id: run_id, thread_id, user_id, node_id, status: "running", ..Run::default() };
                 // An ending that came first (not in today's order of writes) goes with it.
@@ -372,8 +369,10 @@ impl<'a> Columns<'a> {
             .bind(&self.created_owners)
             .bind(&self.created_titles)
             .bind(&self.created_events)
+            .bind(&self.created_messages)
             .bind(&self.allocated_ids)
             .bind(&self.allocated_events)
+            .bind(&self.allocated_messages)
             .bind(&self.event_threads)
             .bind(&self.event_places)
             .bind(&self.event_runs)
@@ -381,12 +380,7 @@ impl<'a> Columns<'a> {
             .bind(&self.event_agents)
             .bind(&self.event_payloads)
             .bind(&self.event_times)
-            .bind(&self.message_ids)
-            .bind(&self.message_threads)
-            .bind(&self.message_places)
-            .bind(&self.message_roles)
-            .bind(&self.message_contents)
-            .bind(&self.message_runs)
+            .bind(&self.event_messages)
             .bind(column(starts, |r| r.id))
             .bind(column(starts, |r| r.thread_id))
             .bind(column(starts, |r| r.user_id))

@@ -350,17 +350,14 @@ fn upsert_users(conn: &mut Connection, users: &[(NewUser, oneshot::Sender<Result
 
 fn recent(conn: &Connection, thread_id: &str, limit: i64) -> Result<(Vec<Message>, Option<i64>)> {
     let mut statement = conn.prepare_cached(RECENT_MESSAGES)?;
-    let rows = statement.query_map(rusqlite::params![thread_id, limit], |row| {
-        let message = (row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get::<_, String>(4)?);
-        Ok((message, row.get(5)?, row.get(6)?))
-    })?;
+    let mut rows = statement.query(rusqlite::params![thread_id, limit])?;
     let mut through = None;
     let mut messages = Vec::new();
-    for row in rows {
-        let ((id, role, content, created_at, metadata), seq, last_seq) = row?;
-        through = Some(last_seq);
-        let metadata = serde_json::from_str(&metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        messages.push(Message { id, role, content, created_at, metadata, seq });
+    while let Some(row) = rows.next()? {
+        let text = |i| row.get_ref(i).and_then(|v| v.as_str().map_err(rusqlite::Error::from));
+        let message = Message::from_event(row.get(0)?, text(1)?, text(2)?, text(3)?, row.get(4)?)?;
+        through = Some(row.get(5)?);
+        messages.push(message);
     }
     Ok((messages, through))
 }
@@ -390,16 +387,16 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
             }
         }
     }
-    // Each thread's last seq after the batch, and its number, which its events and
-    // messages are filed under.
+    // Each thread's last seq after the batch, and its number, which its events are
+    // filed under.
     let mut allocated: Vec<(&str, i64, i64)> = Vec::with_capacity(batch.totals.len());
     {
         let mut allocate = tx.prepare_cached(
-            "UPDATE threads SET last_seq = last_seq + ?2, updated_at = ?3 \
+            "UPDATE threads SET last_seq = last_seq + ?2, message_count = message_count + ?3, updated_at = ?4 \
              WHERE id = ?1 AND deleted_at IS NULL RETURNING last_seq, num",
         )?;
-        for (thread, n) in &batch.totals {
-            let mut rows = allocate.query(rusqlite::params![thread, n, now])?;
+        for ((thread, n), said) in batch.totals.iter().zip(&batch.messages) {
+            let mut rows = allocate.query(rusqlite::params![thread, n, said, now])?;
             if let Some(row) = rows.next()? {
                 allocated.push((thread, row.get(0)?, row.get(1)?));
             }
@@ -411,41 +408,28 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
         allocated.iter().find(|(t, _, _)| *t == thread).map(|(_, _, num)| *num).ok_or(StoreError::NotFound)
     };
     let mut event = tx.prepare_cached(
-        "INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at, message_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     for (job, first) in jobs.iter().zip(&firsts) {
-        // Messages come with their event: a job with either has its thread's number.
-        let num = if job.events.is_empty() { None } else { Some(num_of(&job.thread_id)?) };
-        for (i, e) in job.events.iter().enumerate() {
-            event.execute(rusqlite::params![
-                num,
-                first + i as i64,
-                e.run_id,
-                e.kind.as_str(),
-                e.agent_name,
-                e.payload.get(),
-                e.timestamp
-            ])?;
+        if !job.events.is_empty() {
+            let num = num_of(&job.thread_id)?;
+            for (i, e) in job.events.iter().enumerate() {
+                event.execute(rusqlite::params![
+                    num,
+                    first + i as i64,
+                    e.run_id,
+                    e.kind.as_str(),
+                    e.agent_name,
+                    e.payload.get(),
+                    e.timestamp,
+                    job.message_at(i)
+                ])?;
+            }
         }
         for row in &job.rows {
             match row {
-                Row::CreateThread { .. } => {}
-                Row::Message { id, role, content, run_id, event_index } => {
-                    tx.prepare_cached(
-                        "INSERT INTO messages (id, thread_num, seq, role, content, run_id, created_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    )?
-                    .execute(rusqlite::params![
-                        id,
-                        num.ok_or(StoreError::NotFound)?,
-                        first + *event_index as i64,
-                        role,
-                        content,
-                        run_id,
-                        now
-                    ])?;
-                }
+                Row::CreateThread { .. } | Row::Message { .. } => {}
                 Row::StartRun { run_id, user_id, node_id } => {
                     tx.prepare_cached(
                         "INSERT INTO runs (id, thread_id, user_id, node_id, started_at, status) \
