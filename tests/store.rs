@@ -12,12 +12,16 @@ use serde_json::value::RawValue;
 use std::sync::Arc;
 use std::time::Duration;
 
-async fn open(backend: Backend, dir: &tempfile::TempDir) -> Store {
-    let url = match backend {
+/// A new database on `backend`: a file in `dir`, or a fresh PostgreSQL schema.
+async fn database(backend: Backend, dir: &tempfile::TempDir) -> DatabaseUrl {
+    match backend {
         Backend::Sqlite => DatabaseUrl::Sqlite(dir.path().join("netra.db")),
         Backend::Postgres => DatabaseUrl::Postgres(Secret::new(fresh_pg_url().await)),
-    };
-    Store::connect(&url, Duration::from_secs(10)).await.expect("store connects")
+    }
+}
+
+async fn open(backend: Backend, dir: &tempfile::TempDir) -> Store {
+    Store::connect(&database(backend, dir).await, Duration::from_secs(10)).await.expect("store connects")
 }
 
 /// A store on `backend` with a node's delivery on it (its writer), without a broker.
@@ -177,6 +181,78 @@ fn message_job(thread: &str, text: &str) -> WriteJob {
     }
 }
 
+/// A thread's messages are found from its row down a chain through their events: the
+/// chain holds across jobs, batches and jobs with two messages, skips every other event,
+/// and pages and histories read from it match on both backends, from memory or not.
+#[tokio::test]
+async fn messages_are_read_down_their_chain_past_any_other_events() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = database(backend, &dir).await;
+        let store = Store::connect(&url, Duration::from_secs(10)).await.expect("store connects");
+        let thread = unique("th");
+        // One job with two messages and an event between them (an answer and a question).
+        let mut two = message_job(&thread, "m3");
+        let second = message_job(&thread, "m4");
+        two.events.push(event(EventType::PartialResult, 1));
+        two.events.extend(second.events);
+        let Row::Message { id, .. } = &second.rows[0] else { unreachable!() };
+        two.rows.push(Row::Message { id: id.clone(), role: "user", content: "m4".into(), event_index: 2 });
+        let batches = vec![
+            vec![new_thread_job(&thread, "u"), message_job(&thread, "m1"), append_job(&thread, 5)],
+            vec![message_job(&thread, "m2"), append_job(&thread, 3)],
+            vec![append_job(&thread, 2), two],
+            vec![append_job(&thread, 4)],
+            vec![message_job(&thread, "m5")],
+        ];
+        for batch in batches {
+            store.write_batch(&batch.into()).await.expect("write");
+        }
+        let texts = |messages: &[netra::store::Message]| messages.iter().map(|m| m.content.clone()).collect::<Vec<_>>();
+        let (all, total) = store.messages(&thread, 50, 0).await.expect("all");
+        assert_eq!(
+            (texts(&all), total),
+            (vec!["m1", "m2", "m3", "m4", "m5"].into_iter().map(String::from).collect(), 5)
+        );
+        let seqs: Vec<i64> = all.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [2, 8, 14, 16, 21], "{backend:?}");
+        for (limit, offset, want) in [
+            (2, 0, vec!["m1", "m2"]),
+            (2, 2, vec!["m3", "m4"]),
+            (2, 4, vec!["m5"]),
+            (2, 5, vec![]),
+            (0, 0, vec![]),
+            (3, 9, vec![]),
+        ] {
+            let (page, total) = store.messages(&thread, limit, offset).await.expect("page");
+            assert_eq!(
+                (texts(&page), total),
+                (want.into_iter().map(String::from).collect(), 5),
+                "{backend:?} {limit} {offset}"
+            );
+        }
+        assert_eq!(store.thread(&thread).await.expect("thread").message_count, 5, "{backend:?}");
+        // Another node has nothing in memory: it walks the chain in the store.
+        let other = Store::connect(&url, Duration::from_secs(10)).await.expect("second node");
+        for store in [&store, &other] {
+            let history = store.recent_messages(&thread, 3, 21).await.expect("history");
+            assert_eq!(
+                history.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(),
+                ["m3", "m4", "m5"],
+                "{backend:?}"
+            );
+            let history = store.recent_messages(&thread, 50, 14).await.expect("history up to m3");
+            assert_eq!(
+                history.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(),
+                ["m1", "m2", "m3"],
+                "{backend:?}"
+            );
+        }
+        let (none, total) = other.messages(&unique("th-missing"), 10, 0).await.expect("missing thread");
+        assert!(none.is_empty() && total == 0, "{backend:?}");
+    }
+}
+
 /// The history a run would read right after the thread's latest write.
 async fn history(store: &Store, thread: &str, limit: usize) -> Vec<String> {
     let through = store.thread(thread).await.expect("thread").last_seq as u64;
@@ -190,10 +266,7 @@ async fn history(store: &Store, thread: &str, limit: usize) -> Vec<String> {
 async fn history_stays_right_when_another_node_writes_the_thread() {
     for backend in BACKENDS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = match backend {
-            Backend::Sqlite => DatabaseUrl::Sqlite(dir.path().join("netra.db")),
-            Backend::Postgres => DatabaseUrl::Postgres(Secret::new(fresh_pg_url().await)),
-        };
+        let url = database(backend, &dir).await;
         let here = Store::connect(&url, Duration::from_secs(10)).await.expect("store connects");
         let there = Store::connect(&url, Duration::from_secs(10)).await.expect("second node");
         let thread = unique("th");

@@ -8,6 +8,7 @@
 //! thread ids; reads find the number by the id in the same statement. A chat message is
 //! the event that carries it (a `user_message` or a `final_report`, stored with the
 //! message's id), and the thread row counts them: the text is stored once (migration 0010).
+//! They are linked newest to oldest, from the thread row through the events (0011).
 //!
 //! Who owns what: this module is the facade (the API, its types and errors, the reads and
 //! REST writes through the sqlx pool, the plan that hands out `seq` numbers to a batch);
@@ -121,6 +122,7 @@ const MIGRATIONS: &[(i64, &str, Option<Backend>)] = &[
     (8, include_str!("migrations/0008_postgres_thread_numbers.sql"), Some(Backend::Postgres)),
     (9, include_str!("migrations/0009_events_by_thread_number.sql"), None),
     (10, include_str!("migrations/0010_messages_are_events.sql"), None),
+    (11, include_str!("migrations/0011_message_chain.sql"), None),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,12 +305,6 @@ impl WriteJob {
             Row::Message { id, event_index, .. } if *event_index == index => Some(id.as_str()),
             _ => None,
         })
-    }
-
-    /// How many of the job's events carry a message.
-    fn message_count(&self) -> i64 {
-        let carried = |row: &&Row| matches!(row, Row::Message { event_index, .. } if *event_index < self.events.len());
-        self.rows.iter().filter(carried).count() as i64
     }
 }
 
@@ -646,22 +642,26 @@ impl Store {
     /// for a thread that does not exist).
     #[instrument(skip_all, fields(thread_id))]
     pub async fn messages(&self, thread_id: &str, limit: i64, offset: i64) -> Result<(Vec<Message>, i64)> {
-        let rows = sqlx::query(
-            "SELECT message_id, type, payload, created_at, seq FROM events \
-             WHERE thread_num = (SELECT num FROM threads WHERE id = $1) AND message_id IS NOT NULL \
-             ORDER BY seq LIMIT $2 OFFSET $3",
-        )
-        .bind(thread_id)
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(&self.pool)
-        .await?;
         let total: Option<i64> = sqlx::query_scalar("SELECT message_count FROM threads WHERE id = $1")
             .bind(thread_id)
             .fetch_optional(&self.pool)
             .await?;
+        let total = total.unwrap_or(0);
+        // Counted from the newest, the page is the messages `total - offset - limit`
+        // (exclusive) to `total - offset` deep. (A message written after the count
+        // shifts the page by one, as a page read before it would be.)
+        let deepest = total.saturating_sub(offset.max(0));
+        if deepest <= 0 || limit <= 0 {
+            return Ok((Vec::new(), total));
+        }
+        let rows = sqlx::query(PAGE_OF_MESSAGES)
+            .bind(thread_id)
+            .bind(deepest)
+            .bind(deepest.saturating_sub(limit))
+            .fetch_all(&self.pool)
+            .await?;
         let messages = rows.iter().map(message_from_row).collect::<Result<_>>()?;
-        Ok((messages, total.unwrap_or(0)))
+        Ok((messages, total))
     }
 
     /// The thread as a job submitted now will find it: the `seq` its writes have reached
@@ -925,38 +925,59 @@ struct Batch<'a> {
     jobs: &'a [WriteJob],
     /// Events per thread of the batch, in order of first appearance.
     totals: Vec<(&'a str, i64)>,
-    /// Messages per thread of the batch (events that carry one), in the same order.
-    messages: Vec<i64>,
+    /// The messages of each thread of the batch (events that carry one), in the same order.
+    messages: Vec<Said>,
     /// Each job's place among its thread's events in the batch: that of its first event
     /// (or of the next one, for a job without events), from 1.
     places: Vec<i64>,
+    /// For each event of the batch, in order (job by job): for a message, the place of
+    /// its thread's message before it in the batch, or 0 when that one was written before
+    /// the batch (the thread row's `last_message`, as the write finds it); `None` for an
+    /// event that is not a message.
+    previous: Vec<Option<i64>>,
+}
+
+/// A thread's messages in one batch.
+#[derive(Debug, Clone, Copy, Default)]
+struct Said {
+    count: i64,
+    /// The place of the last one among the thread's events in the batch.
+    last: Option<i64>,
 }
 
 impl<'a> Batch<'a> {
     fn new(jobs: &'a [WriteJob]) -> Self {
         let mut totals: Vec<(&str, i64)> = Vec::new();
-        let mut messages: Vec<i64> = Vec::new();
+        let mut messages: Vec<Said> = Vec::new();
         let mut placed: HashMap<&str, i64> = HashMap::new();
         let mut places = Vec::with_capacity(jobs.len());
+        let mut previous = Vec::new();
         for job in jobs {
             let before = placed.entry(&job.thread_id).or_insert(0);
-            places.push(*before + 1);
+            let first = *before + 1;
+            places.push(first);
             *before += job.events.len() as i64;
             if job.events.is_empty() {
                 continue;
             }
-            match totals.iter().position(|(t, _)| *t == job.thread_id) {
-                Some(i) => {
-                    totals[i].1 += job.events.len() as i64;
-                    messages[i] += job.message_count();
-                }
-                None => {
-                    totals.push((&job.thread_id, job.events.len() as i64));
-                    messages.push(job.message_count());
+            let i = totals.iter().position(|(t, _)| *t == job.thread_id).unwrap_or_else(|| {
+                totals.push((&job.thread_id, 0));
+                messages.push(Said::default());
+                totals.len() - 1
+            });
+            totals[i].1 += job.events.len() as i64;
+            let said = &mut messages[i];
+            for (index, place) in (first..).take(job.events.len()).enumerate() {
+                if job.message_at(index).is_some() {
+                    previous.push(Some(said.last.unwrap_or(0)));
+                    said.count += 1;
+                    said.last = Some(place);
+                } else {
+                    previous.push(None);
                 }
             }
         }
-        Self { jobs, totals, messages, places }
+        Self { jobs, totals, messages, places, previous }
     }
 
     /// The first `seq` of each job, from the `(id, last_seq)` each thread reached in the
@@ -981,14 +1002,41 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// A thread's last messages, newest first (the run's history), each with the thread's
-/// `last_seq` as of the same snapshot (one statement: one snapshot on both backends).
-/// SQLite reads `$1`, `$2` as named parameters numbered in order of first appearance,
-/// so rusqlite binds them by position. The columns are [`Message::from_event`]'s.
-const RECENT_MESSAGES: &str = "SELECT message_id, type, payload, created_at, seq, \
+/// The messages of thread `$1`, newest first and at most `$2` deep (`depth` 1 is the
+/// newest): a walk from the thread row's `last_message` down each message event's
+/// `previous_message`, one primary-key lookup per message however many other events
+/// lie between them (migration 0011). The statements below select from it.
+macro_rules! message_chain {
+    () => {
+        "WITH RECURSIVE chain (seq, depth) AS ( \
+             SELECT last_message, 1 FROM threads WHERE id = $1 AND last_message IS NOT NULL \
+             UNION ALL \
+             SELECT e.previous_message, chain.depth + 1 FROM chain \
+             JOIN events e ON e.thread_num = (SELECT num FROM threads WHERE id = $1) AND e.seq = chain.seq \
+             WHERE e.previous_message IS NOT NULL AND chain.depth < $2) "
+    };
+}
+
+/// A thread's last `$2` messages, newest first (the run's history), each with the
+/// thread's `last_seq` as of the same snapshot (one statement: one snapshot on both
+/// backends). SQLite reads `$1`, `$2` as named parameters numbered in order of first
+/// appearance, so rusqlite binds them by position. The columns are
+/// [`Message::from_event`]'s.
+const RECENT_MESSAGES: &str = concat!(
+    message_chain!(),
+    "SELECT e.message_id, e.type, e.payload, e.created_at, e.seq, \
      (SELECT last_seq FROM threads WHERE id = $1) AS through_seq \
-     FROM events WHERE thread_num = (SELECT num FROM threads WHERE id = $1) AND message_id IS NOT NULL \
-     ORDER BY seq DESC LIMIT $2";
+     FROM chain JOIN events e ON e.thread_num = (SELECT num FROM threads WHERE id = $1) AND e.seq = chain.seq \
+     ORDER BY e.seq DESC"
+);
+
+/// The messages of thread `$1` deeper than `$3` and at most `$2` deep, oldest first.
+const PAGE_OF_MESSAGES: &str = concat!(
+    message_chain!(),
+    "SELECT e.message_id, e.type, e.payload, e.created_at, e.seq \
+     FROM chain JOIN events e ON e.thread_num = (SELECT num FROM threads WHERE id = $1) AND e.seq = chain.seq \
+     WHERE chain.depth > $3 ORDER BY e.seq"
+);
 
 /// The most a thread's metadata may hold, as stored JSON. Every thread listing returns it.
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;

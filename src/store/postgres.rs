@@ -16,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError};
 use sqlx::{Connection as _, Row as _};
 use tokio::sync::Mutex;
 
-use super::{Batch, NewUser, Result, Row, StoreError, WriteJob, shared_outcome};
+use super::{Batch, NewUser, Result, Row, Said, StoreError, WriteJob, shared_outcome};
 
 /// Writes a batch of jobs in one statement. Threads the batch creates start with
 /// `last_seq` at their number of events (seq from 1); the others hand theirs out under
@@ -29,40 +29,49 @@ use super::{Batch, NewUser, Result, Row, StoreError, WriteJob, shared_outcome};
 /// That is also why these tables need no foreign keys (migrations 0006, 0009): every
 /// row's thread is created or locked by the statement that writes it. Events are filed
 /// under the thread's number (`num`), which the same parts return; an event that is a
-/// chat message carries its id, and its thread's `message_count` grows with it.
+/// chat message carries its id and its thread's message before it (from the batch, or
+/// the row's `last_message` as the lock found it, which `message_before` returns), and
+/// its thread's `message_count` and `last_message` follow.
 const WRITE_BATCH: &str = "\
 WITH created AS (
-    INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq, message_count)
-    SELECT id, owner_id, title, '{}', $1, $1, n, m
-    FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[]) AS c (id, owner_id, title, n, m)
-    RETURNING id, num, 0::bigint AS base
+    INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq, message_count,
+                         last_message)
+    SELECT id, owner_id, title, '{}', $1, $1, n, m, l
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])
+        AS c (id, owner_id, title, n, m, l)
+    RETURNING id, num, 0::bigint AS base, NULL::bigint AS message_before
 ), allocated AS (
-    UPDATE threads t SET last_seq = t.last_seq + a.n, message_count = t.message_count + a.m, updated_at = $1
-    FROM unnest($7::text[], $8::bigint[], $9::bigint[]) AS a (id, n, m)
+    UPDATE threads t SET last_seq = t.last_seq + a.n, message_count = t.message_count + a.m,
+                         message_before = t.last_message, last_message = COALESCE(t.last_seq + a.l, t.last_message),
+                         updated_at = $1
+    FROM unnest($8::text[], $9::bigint[], $10::bigint[], $11::bigint[]) AS a (id, n, m, l)
     WHERE t.id = a.id AND t.deleted_at IS NULL
-    RETURNING t.id, t.num, t.last_seq AS last_seq, t.last_seq - a.n AS base
+    RETURNING t.id, t.num, t.last_seq AS last_seq, t.last_seq - a.n AS base, t.message_before
 ), bases AS (
-    SELECT id, num, base FROM created UNION ALL SELECT id, num, base FROM allocated
+    SELECT id, num, base, message_before FROM created
+    UNION ALL SELECT id, num, base, message_before FROM allocated
 ), written_events AS (
-    INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at, message_id)
-    SELECT b.num, b.base + e.n, e.run_id, e.type, e.agent_name, e.payload, e.created_at, e.message_id
-    FROM unnest($10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],
-                $17::text[])
-        AS e (thread_id, n, run_id, type, agent_name, payload, created_at, message_id)
+    INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at, message_id,
+                        previous_message)
+    SELECT b.num, b.base + e.n, e.run_id, e.type, e.agent_name, e.payload, e.created_at, e.message_id,
+           CASE WHEN e.previous = 0 THEN b.message_before ELSE b.base + e.previous END
+    FROM unnest($12::text[], $13::bigint[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[],
+                $19::text[], $20::bigint[])
+        AS e (thread_id, n, run_id, type, agent_name, payload, created_at, message_id, previous)
     LEFT JOIN bases b ON b.id = e.thread_id
 ), started AS (
     INSERT INTO runs (id, thread_id, user_id, node_id, started_at, status, ended_at, error,
                       prompt_tokens, completion_tokens)
     SELECT s.id, b.id, s.user_id, s.node_id, $1, s.status, CASE WHEN s.status = 'running' THEN NULL ELSE $1 END,
            s.error, s.prompt_tokens, s.completion_tokens
-    FROM unnest($18::text[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[], $24::bigint[],
-                $25::bigint[])
+    FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::bigint[],
+                $28::bigint[])
         AS s (id, thread_id, user_id, node_id, status, error, prompt_tokens, completion_tokens)
     LEFT JOIN bases b ON b.id = s.thread_id
 ), ended AS (
     UPDATE runs r SET status = u.status, ended_at = $1, error = u.error, prompt_tokens = u.prompt_tokens,
                       completion_tokens = u.completion_tokens
-    FROM unnest($26::text[], $27::text[], $28::text[], $29::bigint[], $30::bigint[])
+    FROM unnest($29::text[], $30::text[], $31::text[], $32::bigint[], $33::bigint[])
         AS u (id, status, error, prompt_tokens, completion_tokens)
     WHERE r.id = u.id
 )
@@ -227,9 +236,11 @@ struct Columns<'a> {
     created_titles: Vec<&'a str>,
     created_events: Vec<i64>,
     created_messages: Vec<i64>,
+    created_last_messages: Vec<Option<i64>>,
     allocated_ids: Vec<&'a str>,
     allocated_events: Vec<i64>,
     allocated_messages: Vec<i64>,
+    allocated_last_messages: Vec<Option<i64>>,
     event_threads: Vec<&'a str>,
     /// An event's place among its thread's events in the batch, from 1.
     event_places: Vec<i64>,
@@ -239,6 +250,8 @@ struct Columns<'a> {
     event_payloads: Vec<&'a str>,
     event_times: Vec<&'a str>,
     event_messages: Vec<Option<&'a str>>,
+    /// A message's place of its thread's message before it (0: before the batch).
+    event_previous: &'a [Option<i64>],
     starts: Vec<Run<'a>>,
     ends: Vec<Run<'a>>,
 }
@@ -266,22 +279,23 @@ impl<'a> Run<'a> {
 }
 
 impl<'a> Columns<'a> {
-    fn of(batch: &Batch<'a>) -> Self {
+    fn of(batch: &'a Batch<'a>) -> Self {
         let mut c = Self::default();
         // Events and messages per thread.
         let counts = |thread: &str| {
             let i = batch.totals.iter().position(|(t, _)| *t == thread);
-            i.map_or((0, 0), |i| (batch.totals[i].1, batch.messages[i]))
+            i.map_or((0, Said::default()), |i| (batch.totals[i].1, batch.messages[i]))
         };
         for job in batch.jobs {
             for row in &job.rows {
                 if let Row::CreateThread { owner_id, title } = row {
-                    let (events, messages) = counts(&job.thread_id);
+                    let (events, said) = counts(&job.thread_id);
                     c.created_ids.push(&job.thread_id);
                     c.created_owners.push(owner_id);
                     c.created_titles.push(title);
                     c.created_events.push(events);
-                    c.created_messages.push(messages);
+                    c.created_messages.push(said.count);
+                    c.created_last_messages.push(said.last);
                 }
             }
         }
@@ -301,11 +315,13 @@ impl<'a> Columns<'a> {
         // threads wait for each other instead of deadlocking.
         allocated.sort_unstable();
         for thread in allocated {
-            let (events, messages) = counts(thread);
+            let (events, said) = counts(thread);
             c.allocated_ids.push(thread);
             c.allocated_events.push(events);
-            c.allocated_messages.push(messages);
+            c.allocated_messages.push(said.count);
+            c.allocated_last_messages.push(said.last);
         }
+        c.event_previous = &batch.previous;
         for (job, &first) in batch.jobs.iter().zip(&batch.places) {
             let thread = job.thread_id.as_str();
             for (i, event) in job.events.iter().enumerate() {
@@ -370,9 +386,11 @@ impl<'a> Columns<'a> {
             .bind(&self.created_titles)
             .bind(&self.created_events)
             .bind(&self.created_messages)
+            .bind(&self.created_last_messages)
             .bind(&self.allocated_ids)
             .bind(&self.allocated_events)
             .bind(&self.allocated_messages)
+            .bind(&self.allocated_last_messages)
             .bind(&self.event_threads)
             .bind(&self.event_places)
             .bind(&self.event_runs)
@@ -381,6 +399,7 @@ impl<'a> Columns<'a> {
             .bind(&self.event_payloads)
             .bind(&self.event_times)
             .bind(&self.event_messages)
+            .bind(self.event_previous)
             .bind(column(starts, |r| r.id))
             .bind(column(starts, |r| r.thread_id))
             .bind(column(starts, |r| r.user_id))

@@ -362,6 +362,17 @@ fn recent(conn: &Connection, thread_id: &str, limit: i64) -> Result<(Vec<Message
     Ok((messages, through))
 }
 
+/// A thread as a batch's write found it.
+struct Allocated<'a> {
+    thread: &'a str,
+    /// Its last seq after the batch, and before it.
+    last: i64,
+    base: i64,
+    num: i64,
+    /// Its last message before the batch, if it had one.
+    message_before: Option<i64>,
+}
+
 /// The batch in one `BEGIN IMMEDIATE` transaction: the write lock is taken (or waited
 /// for, up to the busy timeout) before the first statement, never upgraded midway.
 ///
@@ -387,43 +398,55 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
             }
         }
     }
-    // Each thread's last seq after the batch, and its number, which its events are
-    // filed under.
-    let mut allocated: Vec<(&str, i64, i64)> = Vec::with_capacity(batch.totals.len());
+    // Each thread's number, which its events are filed under, the seq it had before the
+    // batch, and its last message before the batch.
+    let mut allocated: Vec<Allocated> = Vec::with_capacity(batch.totals.len());
     {
         let mut allocate = tx.prepare_cached(
-            "UPDATE threads SET last_seq = last_seq + ?2, message_count = message_count + ?3, updated_at = ?4 \
-             WHERE id = ?1 AND deleted_at IS NULL RETURNING last_seq, num",
+            "UPDATE threads SET last_seq = last_seq + ?2, message_count = message_count + ?3, \
+             message_before = last_message, last_message = COALESCE(last_seq + ?4, last_message), updated_at = ?5 \
+             WHERE id = ?1 AND deleted_at IS NULL RETURNING last_seq, num, message_before",
         )?;
         for ((thread, n), said) in batch.totals.iter().zip(&batch.messages) {
-            let mut rows = allocate.query(rusqlite::params![thread, n, said, now])?;
+            let mut rows = allocate.query(rusqlite::params![thread, n, said.count, said.last, now])?;
             if let Some(row) = rows.next()? {
-                allocated.push((thread, row.get(0)?, row.get(1)?));
+                let last: i64 = row.get(0)?;
+                allocated.push(Allocated {
+                    thread,
+                    last,
+                    base: last - n,
+                    num: row.get(1)?,
+                    message_before: row.get(2)?,
+                });
             }
         }
     }
     // A thread missing or deleted fails the batch here: no row of it is written.
-    let firsts = batch.firsts(allocated.iter().map(|(thread, last, _)| (*thread, *last)))?;
-    let num_of = |thread: &str| {
-        allocated.iter().find(|(t, _, _)| *t == thread).map(|(_, _, num)| *num).ok_or(StoreError::NotFound)
-    };
+    let firsts = batch.firsts(allocated.iter().map(|a| (a.thread, a.last)))?;
+    let of = |thread: &str| allocated.iter().find(|a| a.thread == thread).ok_or(StoreError::NotFound);
     let mut event = tx.prepare_cached(
-        "INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at, message_id) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at, message_id, \
+         previous_message) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
+    let mut previous = batch.previous.iter();
     for (job, first) in jobs.iter().zip(&firsts) {
         if !job.events.is_empty() {
-            let num = num_of(&job.thread_id)?;
+            let thread = of(&job.thread_id)?;
             for (i, e) in job.events.iter().enumerate() {
+                let before = match previous.next().copied().flatten() {
+                    Some(0) => thread.message_before,
+                    place => place.map(|p| thread.base + p),
+                };
                 event.execute(rusqlite::params![
-                    num,
+                    thread.num,
                     first + i as i64,
                     e.run_id,
                     e.kind.as_str(),
                     e.agent_name,
                     e.payload.get(),
                     e.timestamp,
-                    job.message_at(i)
+                    job.message_at(i),
+                    before
                 ])?;
             }
         }
