@@ -1005,7 +1005,10 @@ impl<'a> Batch<'a> {
 /// The messages of thread `$1`, newest first and at most `$2` deep (`depth` 1 is the
 /// newest): a walk from the thread row's `last_message` down each message event's
 /// `previous_message`, one primary-key lookup per message however many other events
-/// lie between them (migration 0011). The statements below select from it.
+/// lie between them (migration 0011). The statements below select from it, the chain
+/// first: `CROSS JOIN` keeps SQLite from reading the thread's every event to match them
+/// against the chain (0.23 against 1.6 ms for 50 messages among 10,000 events; a scan
+/// for `message_id IS NOT NULL` took 13 ms). PostgreSQL reads it as a plain join.
 macro_rules! message_chain {
     () => {
         "WITH RECURSIVE chain (seq, depth) AS ( \
@@ -1026,16 +1029,17 @@ const RECENT_MESSAGES: &str = concat!(
     message_chain!(),
     "SELECT e.message_id, e.type, e.payload, e.created_at, e.seq, \
      (SELECT last_seq FROM threads WHERE id = $1) AS through_seq \
-     FROM chain JOIN events e ON e.thread_num = (SELECT num FROM threads WHERE id = $1) AND e.seq = chain.seq \
-     ORDER BY e.seq DESC"
+     FROM chain CROSS JOIN events e \
+     WHERE e.thread_num = (SELECT num FROM threads WHERE id = $1) AND e.seq = chain.seq ORDER BY e.seq DESC"
 );
 
 /// The messages of thread `$1` deeper than `$3` and at most `$2` deep, oldest first.
 const PAGE_OF_MESSAGES: &str = concat!(
     message_chain!(),
     "SELECT e.message_id, e.type, e.payload, e.created_at, e.seq \
-     FROM chain JOIN events e ON e.thread_num = (SELECT num FROM threads WHERE id = $1) AND e.seq = chain.seq \
-     WHERE chain.depth > $3 ORDER BY e.seq"
+     FROM chain CROSS JOIN events e \
+     WHERE e.thread_num = (SELECT num FROM threads WHERE id = $1) AND e.seq = chain.seq AND chain.depth > $3 \
+     ORDER BY e.seq"
 );
 
 /// The most a thread's metadata may hold, as stored JSON. Every thread listing returns it.
