@@ -513,9 +513,11 @@ async fn the_postgres_writer_reconnects_after_its_connection_is_killed() {
     };
     assert_eq!(seq, 2, "nothing half-written");
     assert_eq!(store.events_after(&thread, 0, 10, usize::MAX).await.expect("read").len(), 2);
+    // Recording a user is idempotent: its connection (opened at start) was killed too,
+    // and it is replaced under the first user, who does not see it.
+    store.upsert_user("idle-user", Some("a@example.com"), None).await.expect("a user after its connection died");
     // A connection that sat idle is checked before use: after the server dropped it, the
     // first write and the first user recorded succeed.
-    store.upsert_user("idle-user", Some("a@example.com"), None).await.expect("a user on a fresh connection");
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
         .bind(&db)
         .execute(&mut admin)

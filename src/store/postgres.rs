@@ -148,6 +148,16 @@ impl Writer {
         Ok(Self { own: Mutex::new(Own::new(url, connect_timeout, "netra writer")?) })
     }
 
+    /// Opens the connection ahead of the first batch, which would otherwise wait for it
+    /// (the startup self-test's run did: a connection is a few round trips). A failure
+    /// is left to that batch, which connects again.
+    pub(super) async fn warm(&self) {
+        let opened = self.own.lock().await.run(async |_| Ok(())).await;
+        if let Err(e) = opened {
+            tracing::debug!(error = %e, "the writer's connection could not be opened ahead");
+        }
+    }
+
     /// [`Store::write_batch`](super::Store::write_batch) on PostgreSQL: returns each
     /// job's first seq (0 for a job without events).
     pub(super) async fn write(&self, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
@@ -202,6 +212,10 @@ const RECORD_USERS: &str = concat!(
 /// every [`Store`](super::Store) is dropped.
 pub(super) async fn record_users(mut own: Own, mut requests: tokio::sync::mpsc::Receiver<UserRequest>) {
     let mut batch = Vec::new();
+    // Connected ahead of the first user, who would otherwise wait for it.
+    if let Err(e) = own.run(async |_| Ok(())).await {
+        tracing::debug!(error = %e, "the user recorder's connection could not be opened ahead");
+    }
     while requests.recv_many(&mut batch, 500).await > 0 {
         // One row per user: one statement may not update a row twice. The last claims win.
         let mut index: HashMap<&str, usize> = HashMap::new();
@@ -215,12 +229,23 @@ pub(super) async fn record_users(mut own: Own, mut requests: tokio::sync::mpsc::
                 }
             }
         }
-        let query = sqlx::query(RECORD_USERS)
-            .bind(rows.iter().map(|u| u.id.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|u| u.email.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|u| u.name.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|u| u.created_at).collect::<Vec<_>>());
-        let result = own.run(async |conn| query.execute(conn).await.map(|_| ()).map_err(StoreError::from)).await;
+        let statement = || {
+            sqlx::query(RECORD_USERS)
+                .bind(rows.iter().map(|u| u.id.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|u| u.email.as_deref()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|u| u.name.as_deref()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|u| u.created_at).collect::<Vec<_>>())
+        };
+        let record = async |own: &mut Own| {
+            let query = statement();
+            own.run(async |conn| query.execute(conn).await.map(|_| ()).map_err(StoreError::from)).await
+        };
+        // Recording users is idempotent: a connection that broke under it (the server
+        // restarted since its last use) is replaced and the statement sent once more.
+        let result = match record(&mut own).await {
+            Err(e) if !answered(&e) => record(&mut own).await,
+            result => result,
+        };
         for (_, reply) in batch.drain(..) {
             let _ = reply.send(shared_outcome(&result));
         }

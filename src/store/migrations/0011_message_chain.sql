@@ -5,7 +5,8 @@
 -- primary-key lookup each, however many other events lie between them.
 -- `message_before` is where a write reads the thread's last message as the write found
 -- it (the statement that moves `last_message` on returns the value it replaced).
--- Existing messages are linked through an index made for this migration and dropped.
+-- Existing messages are linked, and counted again as the chain holds them, through an
+-- index made for this migration and dropped.
 -- Every node must run this version before it writes again.
 ALTER TABLE events ADD COLUMN previous_message BIGINT;
 ALTER TABLE threads ADD COLUMN last_message BIGINT;
@@ -15,7 +16,8 @@ UPDATE events SET previous_message = (
     SELECT MAX(p.seq) FROM events p
     WHERE p.thread_num = events.thread_num AND p.seq < events.seq AND p.message_id IS NOT NULL
 ) WHERE message_id IS NOT NULL;
-UPDATE threads SET last_message = (
-    SELECT MAX(e.seq) FROM events e WHERE e.thread_num = threads.num AND e.message_id IS NOT NULL
-) WHERE message_count > 0;
+UPDATE threads SET
+    last_message = (SELECT MAX(e.seq) FROM events e WHERE e.thread_num = threads.num AND e.message_id IS NOT NULL),
+    message_count = (SELECT COUNT(*) FROM events e WHERE e.thread_num = threads.num AND e.message_id IS NOT NULL)
+WHERE message_count > 0;
 DROP INDEX events_messages_0011
