@@ -11,8 +11,9 @@
 //! They are linked newest to oldest, from the thread row through the events (0011).
 //!
 //! Who owns what: this module is the facade (the API, its types and errors, the reads and
-//! REST writes through the sqlx pool, the plan that hands out `seq` numbers to a batch);
-//! [`sqlite`] is SQLite's writer thread, which runs every batch of events on its own
+//! REST writes through the sqlx pool); [`batch`] is the plan of a batch of writes that
+//! both writers follow (its `seq` numbers and its messages' links); [`messages`] reads a
+//! thread's messages from their events; [`sqlite`] is SQLite's writer thread, which runs every batch of events on its own
 //! rusqlite connection, and the history read; [`postgres`] holds PostgreSQL's writer
 //! connection, which writes a batch as one statement of arrays (typed sqlx, prepared
 //! once), and the user recorder's, which records users in batches the same way;
@@ -42,12 +43,13 @@ macro_rules! sqlite_next_thread_num {
     };
 }
 
+mod batch;
 mod cache;
 mod history;
+mod messages;
 mod postgres;
 mod sqlite;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,6 +59,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row as _};
 use tracing::instrument;
 
+use self::messages::{PAGE_OF_MESSAGES, RECENT_MESSAGES, message_from_row};
 use crate::config::DatabaseUrl;
 use crate::protocol::{EventFrame, EventText, EventType};
 use crate::telemetry::metric;
@@ -296,16 +299,6 @@ pub struct WriteJob {
     pub thread_id: String,
     pub rows: Vec<Row>,
     pub events: Vec<NewEvent>,
-}
-
-impl WriteJob {
-    /// The id of the message that the job's event at `index` carries, if it carries one.
-    fn message_at(&self, index: usize) -> Option<&str> {
-        self.rows.iter().find_map(|row| match row {
-            Row::Message { id, event_index, .. } if *event_index == index => Some(id.as_str()),
-            _ => None,
-        })
-    }
 }
 
 pub fn now_ms() -> i64 {
@@ -923,143 +916,6 @@ impl Store {
     }
 }
 
-/// One [`Store::write_batch`]: the events per thread, which give each job its first
-/// `seq` ([`Batch::firsts`]) from the `last_seq` each thread reached, on both backends.
-struct Batch<'a> {
-    jobs: &'a [WriteJob],
-    /// Events per thread of the batch, in order of first appearance.
-    totals: Vec<(&'a str, i64)>,
-    /// The messages of each thread of the batch (events that carry one), in the same order.
-    messages: Vec<Said>,
-    /// Each job's place among its thread's events in the batch: that of its first event
-    /// (or of the next one, for a job without events), from 1.
-    places: Vec<i64>,
-    /// For each event of the batch, in order (job by job): for a message, the place of
-    /// its thread's message before it in the batch, or 0 when that one was written before
-    /// the batch (the thread row's `last_message`, as the write finds it); `None` for an
-    /// event that is not a message.
-    previous: Vec<Option<i64>>,
-}
-
-/// A thread's messages in one batch.
-#[derive(Debug, Clone, Copy, Default)]
-struct Said {
-    count: i64,
-    /// The place of the last one among the thread's events in the batch.
-    last: Option<i64>,
-}
-
-impl<'a> Batch<'a> {
-    fn new(jobs: &'a [WriteJob]) -> Self {
-        let mut totals: Vec<(&str, i64)> = Vec::new();
-        let mut messages: Vec<Said> = Vec::new();
-        let mut placed: HashMap<&str, i64> = HashMap::new();
-        let mut places = Vec::with_capacity(jobs.len());
-        let mut previous = Vec::new();
-        for job in jobs {
-            let before = placed.entry(&job.thread_id).or_insert(0);
-            let first = *before + 1;
-            places.push(first);
-            *before += job.events.len() as i64;
-            if job.events.is_empty() {
-                continue;
-            }
-            let i = totals.iter().position(|(t, _)| *t == job.thread_id).unwrap_or_else(|| {
-                totals.push((&job.thread_id, 0));
-                messages.push(Said::default());
-                totals.len() - 1
-            });
-            totals[i].1 += job.events.len() as i64;
-            let said = &mut messages[i];
-            for (index, place) in (first..).take(job.events.len()).enumerate() {
-                if job.message_at(index).is_some() {
-                    previous.push(Some(said.last.unwrap_or(0)));
-                    said.count += 1;
-                    said.last = Some(place);
-                } else {
-                    previous.push(None);
-                }
-            }
-        }
-        Self { jobs, totals, messages, places, previous }
-    }
-
-    /// The first `seq` of each job, from the `(id, last_seq)` each thread reached in the
-    /// writing transaction. A thread that is missing or deleted fails the batch (`NotFound`).
-    fn firsts<'s>(&self, handed_out: impl IntoIterator<Item = (&'s str, i64)>) -> Result<Vec<i64>> {
-        // The seq each thread had before the batch.
-        let mut before: HashMap<&str, i64> = HashMap::with_capacity(self.totals.len());
-        for (id, last) in handed_out {
-            if let Some((thread, n)) = self.totals.iter().find(|(t, _)| *t == id) {
-                before.insert(thread, last - n);
-            }
-        }
-        if before.len() != self.totals.len() {
-            return Err(StoreError::NotFound);
-        }
-        Ok(self
-            .jobs
-            .iter()
-            .zip(&self.places)
-            .map(|(job, place)| before.get(job.thread_id.as_str()).map_or(0, |seq| seq + place))
-            .collect())
-    }
-}
-
-/// The messages of thread `$1`, newest first and at most `$2` deep (`depth` 1 is the
-/// newest): a walk from the thread row's `last_message` down each message event's
-/// `previous_message`, one primary-key lookup per message however many other events
-/// lie between them (migration 0011). The statements below select from it, the chain
-/// first: `CROSS JOIN` keeps SQLite from reading the thread's every event to match them
-/// against the chain (0.23 against 1.6 ms for 50 messages among 10,000 events; a scan
-/// for `message_id IS NOT NULL` took 13 ms). PostgreSQL reads it as a plain join.
-///
-/// Each row also carries the thread's `message_count` as `total`, from the same snapshot.
-/// The walk goes no deeper than `$deepest`, and it stops at a link to an event that
-/// is not a message (none is written; a damaged chain shortens the history, it does
-/// not fail every read of the thread).
-macro_rules! message_chain {
-    ($deepest:literal) => {
-        concat!(
-            "WITH RECURSIVE chain (seq, depth, total) AS ( \
-             SELECT last_message, 1, message_count FROM threads WHERE id = $1 AND last_message IS NOT NULL \
-             UNION ALL \
-             SELECT e.previous_message, chain.depth + 1, chain.total FROM chain \
-             JOIN events e ON e.thread_num = (SELECT num FROM threads WHERE id = $1) AND e.seq = chain.seq \
-             WHERE e.message_id IS NOT NULL AND e.previous_message IS NOT NULL AND chain.depth < ",
-            $deepest,
-            ") "
-        )
-    };
-}
-
-/// A thread's last `$2` messages, newest first (the run's history), each with the
-/// thread's `last_seq` as of the same snapshot (one statement: one snapshot on both
-/// backends). SQLite reads `$1`, `$2` as named parameters numbered in order of first
-/// appearance, so rusqlite binds them by position. The columns are
-/// [`Message::from_event`]'s.
-const RECENT_MESSAGES: &str = concat!(
-    message_chain!("$2"),
-    "SELECT e.message_id, e.type, e.payload, e.created_at, e.seq, \
-     (SELECT last_seq FROM threads WHERE id = $1) AS through_seq \
-     FROM chain CROSS JOIN events e \
-     WHERE e.thread_num = (SELECT num FROM threads WHERE id = $1) AND e.seq = chain.seq \
-     AND e.message_id IS NOT NULL ORDER BY e.seq DESC"
-);
-
-/// A page of thread `$1`'s messages, oldest first: `$3` of them after the first `$2`,
-/// with the thread's count as `total`. Counted from the newest that is the messages
-/// deeper than `total - $2 - $3` and at most `total - $2` deep, where `total` and the
-/// chain come from one snapshot, so a message written meanwhile cannot shift the page.
-const PAGE_OF_MESSAGES: &str = concat!(
-    message_chain!("chain.total - $2"),
-    "SELECT e.message_id, e.type, e.payload, e.created_at, e.seq, chain.total AS total \
-     FROM chain CROSS JOIN events e \
-     WHERE e.thread_num = (SELECT num FROM threads WHERE id = $1) AND e.seq = chain.seq \
-     AND e.message_id IS NOT NULL AND chain.depth <= chain.total - $2 AND chain.depth > chain.total - $2 - $3 \
-     ORDER BY e.seq"
-);
-
 /// The most a thread's metadata may hold, as stored JSON. Every thread listing returns it.
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 
@@ -1090,43 +946,6 @@ fn thread_from_row(row: &AnyRow) -> Result<Thread> {
         message_count: row.try_get("message_count")?,
         last_seq: row.try_get("last_seq")?,
     })
-}
-
-fn message_from_row(row: &AnyRow) -> Result<Message> {
-    let (kind, payload, at): (String, String, String) =
-        (row.try_get("type")?, row.try_get("payload")?, row.try_get("created_at")?);
-    Message::from_event(row.try_get("message_id")?, &kind, &payload, &at, row.try_get("seq")?)
-}
-
-impl Message {
-    /// The message an event carries, from its stored columns: a `user_message` is the
-    /// user's (its `content`), a `final_report` the agent's answer (its
-    /// `executive_summary`), and its time is the event's.
-    fn from_event(id: String, kind: &str, payload: &str, at: &str, seq: i64) -> Result<Self> {
-        #[derive(serde::Deserialize)]
-        struct Said {
-            content: Option<String>,
-            executive_summary: Option<String>,
-        }
-        let corrupt = |why: String| StoreError::Corrupt(format!("message {id} at seq {seq}: {why}"));
-        let said: Said = serde_json::from_str(payload).map_err(|e| corrupt(e.to_string()))?;
-        let (role, content) = match kind {
-            "user_message" => ("user", said.content),
-            "final_report" => ("assistant", said.executive_summary),
-            other => return Err(corrupt(format!("carried by a {other} event"))),
-        };
-        let content = content.ok_or_else(|| corrupt(format!("its {kind} event has no text")))?;
-        let at = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
-            .map_err(|e| corrupt(format!("time {at:?}: {e}")))?;
-        Ok(Self {
-            id,
-            role: role.to_string(),
-            content,
-            created_at: (at.unix_timestamp_nanos() / 1_000_000) as i64,
-            metadata: Value::Object(Default::default()),
-            seq,
-        })
-    }
 }
 
 /// A migration without its comment lines, so that statements can be split at semicolons

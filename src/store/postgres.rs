@@ -16,7 +16,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError};
 use sqlx::{Connection as _, Row as _};
 use tokio::sync::Mutex;
 
-use super::{Batch, NewUser, Result, Row, Said, StoreError, WriteJob, shared_outcome};
+use super::batch::{Batch, Said};
+use super::{NewUser, Result, Row, StoreError, WriteJob, shared_outcome};
 
 /// Writes a batch of jobs in one statement. Threads the batch creates start with
 /// `last_seq` at their number of events (seq from 1); the others hand theirs out under

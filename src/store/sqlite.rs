@@ -23,7 +23,9 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::{Batch, Message, NewUser, RECENT_MESSAGES, Result, Row, StoreError, UPSERT_USER, WriteJob, shared_outcome};
+use super::batch::Batch;
+use super::messages::RECENT_MESSAGES;
+use super::{Message, NewUser, Result, Row, StoreError, UPSERT_USER, WriteJob, shared_outcome};
 
 /// Set on every SQLite connection, pooled or the writer's. WAL lets readers run beside
 /// the one writer; NORMAL syncs at checkpoints, so a power cut may lose the last commits

@@ -1,0 +1,103 @@
+//! The plan of one batch of writes, the same on both backends: which `seq` numbers each
+//! job gets from the `last_seq` its thread reached ([`Batch::firsts`]), and which of its
+//! events are chat messages and how they link to their thread's messages before them
+//! (migration 0011). The backends' writers ([`super::sqlite`], [`super::postgres`])
+//! turn it into their statements.
+
+use std::collections::HashMap;
+
+use super::{Result, Row, StoreError, WriteJob};
+
+impl WriteJob {
+    /// The id of the message that the job's event at `index` carries, if it carries one.
+    pub(super) fn message_at(&self, index: usize) -> Option<&str> {
+        self.rows.iter().find_map(|row| match row {
+            Row::Message { id, event_index, .. } if *event_index == index => Some(id.as_str()),
+            _ => None,
+        })
+    }
+}
+
+/// One [`Store::write_batch`](super::Store::write_batch): the events per thread, which
+/// give each job its first `seq` ([`Batch::firsts`]) from the `last_seq` each thread
+/// reached, on both backends.
+pub(super) struct Batch<'a> {
+    pub(super) jobs: &'a [WriteJob],
+    /// Events per thread of the batch, in order of first appearance.
+    pub(super) totals: Vec<(&'a str, i64)>,
+    /// The messages of each thread of the batch (events that carry one), in the same order.
+    pub(super) messages: Vec<Said>,
+    /// Each job's place among its thread's events in the batch: that of its first event
+    /// (or of the next one, for a job without events), from 1.
+    pub(super) places: Vec<i64>,
+    /// For each event of the batch, in order (job by job): for a message, the place of
+    /// its thread's message before it in the batch, or 0 when that one was written before
+    /// the batch (the thread row's `last_message`, as the write finds it); `None` for an
+    /// event that is not a message.
+    pub(super) previous: Vec<Option<i64>>,
+}
+
+/// A thread's messages in one batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Said {
+    pub(super) count: i64,
+    /// The place of the last one among the thread's events in the batch.
+    pub(super) last: Option<i64>,
+}
+
+impl<'a> Batch<'a> {
+    pub(super) fn new(jobs: &'a [WriteJob]) -> Self {
+        let mut totals: Vec<(&str, i64)> = Vec::new();
+        let mut messages: Vec<Said> = Vec::new();
+        let mut placed: HashMap<&str, i64> = HashMap::new();
+        let mut places = Vec::with_capacity(jobs.len());
+        let mut previous = Vec::new();
+        for job in jobs {
+            let before = placed.entry(&job.thread_id).or_insert(0);
+            let first = *before + 1;
+            places.push(first);
+            *before += job.events.len() as i64;
+            if job.events.is_empty() {
+                continue;
+            }
+            let i = totals.iter().position(|(t, _)| *t == job.thread_id).unwrap_or_else(|| {
+                totals.push((&job.thread_id, 0));
+                messages.push(Said::default());
+                totals.len() - 1
+            });
+            totals[i].1 += job.events.len() as i64;
+            let said = &mut messages[i];
+            for (index, place) in (first..).take(job.events.len()).enumerate() {
+                if job.message_at(index).is_some() {
+                    previous.push(Some(said.last.unwrap_or(0)));
+                    said.count += 1;
+                    said.last = Some(place);
+                } else {
+                    previous.push(None);
+                }
+            }
+        }
+        Self { jobs, totals, messages, places, previous }
+    }
+
+    /// The first `seq` of each job, from the `(id, last_seq)` each thread reached in the
+    /// writing transaction. A thread that is missing or deleted fails the batch (`NotFound`).
+    pub(super) fn firsts<'s>(&self, handed_out: impl IntoIterator<Item = (&'s str, i64)>) -> Result<Vec<i64>> {
+        // The seq each thread had before the batch.
+        let mut before: HashMap<&str, i64> = HashMap::with_capacity(self.totals.len());
+        for (id, last) in handed_out {
+            if let Some((thread, n)) = self.totals.iter().find(|(t, _)| *t == id) {
+                before.insert(thread, last - n);
+            }
+        }
+        if before.len() != self.totals.len() {
+            return Err(StoreError::NotFound);
+        }
+        Ok(self
+            .jobs
+            .iter()
+            .zip(&self.places)
+            .map(|(job, place)| before.get(job.thread_id.as_str()).map_or(0, |seq| seq + place))
+            .collect())
+    }
+}
