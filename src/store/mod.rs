@@ -378,14 +378,22 @@ impl Store {
     /// Applies missing migrations, each in its own transaction. On PostgreSQL an advisory
     /// lock keeps two nodes starting together from applying the same one twice.
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS netra_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-        )
-        .execute(&self.pool)
-        .await?;
         // The usual start: everything applied already. One read, no lock, no transaction.
-        let applied: Vec<i64> =
-            sqlx::query_scalar("SELECT version FROM netra_migrations").fetch_all(&self.pool).await?;
+        // The table is made only when that read fails (a new database), so a start does
+        // not pay a second round trip for it (nor PostgreSQL's notice that it exists).
+        let applied = sqlx::query_scalar("SELECT version FROM netra_migrations");
+        let applied: Vec<i64> = match applied.fetch_all(&self.pool).await {
+            Ok(applied) => applied,
+            Err(_) => {
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS netra_migrations (version BIGINT PRIMARY KEY, \
+                     applied_at BIGINT NOT NULL)",
+                )
+                .execute(&self.pool)
+                .await?;
+                sqlx::query_scalar("SELECT version FROM netra_migrations").fetch_all(&self.pool).await?
+            }
+        };
         if MIGRATIONS.iter().all(|(version, _, _)| applied.contains(version)) {
             return Ok(());
         }
