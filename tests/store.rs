@@ -20,8 +20,13 @@ async fn database(backend: Backend, dir: &tempfile::TempDir) -> DatabaseUrl {
     }
 }
 
+/// A node's store on `url`; several on one database are several nodes.
+async fn connect(url: &DatabaseUrl) -> Store {
+    Store::connect(url, Duration::from_secs(10)).await.expect("store connects")
+}
+
 async fn open(backend: Backend, dir: &tempfile::TempDir) -> Store {
-    Store::connect(&database(backend, dir).await, Duration::from_secs(10)).await.expect("store connects")
+    connect(&database(backend, dir).await).await
 }
 
 /// A store on `backend` with a node's delivery on it (its writer), without a broker.
@@ -189,7 +194,7 @@ async fn messages_are_read_down_their_chain_past_any_other_events() {
     for backend in BACKENDS {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = database(backend, &dir).await;
-        let store = Store::connect(&url, Duration::from_secs(10)).await.expect("store connects");
+        let store = connect(&url).await;
         let thread = unique("th");
         // One job with two messages and an event between them (an answer and a question).
         let mut two = message_job(&thread, "m3");
@@ -233,7 +238,7 @@ async fn messages_are_read_down_their_chain_past_any_other_events() {
         }
         assert_eq!(store.thread(&thread).await.expect("thread").message_count, 5, "{backend:?}");
         // Another node has nothing in memory: it walks the chain in the store.
-        let other = Store::connect(&url, Duration::from_secs(10)).await.expect("second node");
+        let other = connect(&url).await;
         for store in [&store, &other] {
             let history = store.recent_messages(&thread, 3, 21).await.expect("history");
             assert_eq!(
@@ -267,8 +272,8 @@ async fn history_stays_right_when_another_node_writes_the_thread() {
     for backend in BACKENDS {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = database(backend, &dir).await;
-        let here = Store::connect(&url, Duration::from_secs(10)).await.expect("store connects");
-        let there = Store::connect(&url, Duration::from_secs(10)).await.expect("second node");
+        let here = connect(&url).await;
+        let there = connect(&url).await;
         let thread = unique("th");
         here.write_batch(&vec![new_thread_job(&thread, "u"), message_job(&thread, "one")].into())
             .await
@@ -316,7 +321,7 @@ async fn users_are_recorded_and_their_claims_updated() {
                 (DatabaseUrl::Postgres(Secret::new(raw.clone())), raw)
             }
         };
-        let store = Store::connect(&url, Duration::from_secs(10)).await.expect("store connects");
+        let store = connect(&url).await;
         let (a, b) = (unique("user"), unique("user"));
         let (first, second) =
             tokio::join!(store.upsert_user(&a, Some("a@example.com"), Some("A")), store.upsert_user(&b, None, None));

@@ -10,7 +10,7 @@ use super::{Result, Row, StoreError, WriteJob};
 
 impl WriteJob {
     /// The id of the message that the job's event at `index` carries, if it carries one.
-    pub(super) fn message_at(&self, index: usize) -> Option<&str> {
+    fn message_at(&self, index: usize) -> Option<&str> {
         self.rows.iter().find_map(|row| match row {
             Row::Message { id, event_index, .. } if *event_index == index => Some(id.as_str()),
             _ => None,
@@ -30,7 +30,10 @@ pub(super) struct Batch<'a> {
     /// Each job's place among its thread's events in the batch: that of its first event
     /// (or of the next one, for a job without events), from 1.
     pub(super) places: Vec<i64>,
-    /// For each event of the batch, in order (job by job): for a message, the place of
+    /// For each event of the batch, in order (job by job): the id of the message it
+    /// carries, if it is one.
+    pub(super) message_ids: Vec<Option<&'a str>>,
+    /// For each event of the batch, in the same order: for a message, the place of
     /// its thread's message before it in the batch, or 0 when that one was written before
     /// the batch (the thread row's `last_message`, as the write finds it); `None` for an
     /// event that is not a message.
@@ -51,6 +54,7 @@ impl<'a> Batch<'a> {
         let mut messages: Vec<Said> = Vec::new();
         let mut placed: HashMap<&str, i64> = HashMap::new();
         let mut places = Vec::with_capacity(jobs.len());
+        let mut message_ids = Vec::new();
         let mut previous = Vec::new();
         for job in jobs {
             let before = placed.entry(&job.thread_id).or_insert(0);
@@ -68,7 +72,9 @@ impl<'a> Batch<'a> {
             totals[i].1 += job.events.len() as i64;
             let said = &mut messages[i];
             for (index, place) in (first..).take(job.events.len()).enumerate() {
-                if job.message_at(index).is_some() {
+                let id = job.message_at(index);
+                message_ids.push(id);
+                if id.is_some() {
                     previous.push(Some(said.last.unwrap_or(0)));
                     said.count += 1;
                     said.last = Some(place);
@@ -77,7 +83,7 @@ impl<'a> Batch<'a> {
                 }
             }
         }
-        Self { jobs, totals, messages, places, previous }
+        Self { jobs, totals, messages, places, message_ids, previous }
     }
 
     /// The first `seq` of each job, from the `(id, last_seq)` each thread reached in the

@@ -13,11 +13,12 @@
 //! Who owns what: this module is the facade (the API, its types and errors, the reads and
 //! REST writes through the sqlx pool); [`batch`] is the plan of a batch of writes that
 //! both writers follow (its `seq` numbers and its messages' links); [`messages`] reads a
-//! thread's messages from their events; [`sqlite`] is SQLite's writer thread, which runs every batch of events on its own
-//! rusqlite connection, and the history read; [`postgres`] holds PostgreSQL's writer
-//! connection, which writes a batch as one statement of arrays (typed sqlx, prepared
-//! once), and the user recorder's, which records users in batches the same way;
-//! [`cache`] and [`history`] are what this node remembers between calls.
+//! thread's messages from their events; [`sqlite`] is SQLite's writer thread, which runs
+//! every batch of events on its own rusqlite connection, and the history read;
+//! [`postgres`] holds PostgreSQL's writer connection, which writes a batch as one
+//! statement of arrays (typed sqlx, prepared once), and the user recorder's, which
+//! records users in batches the same way; [`cache`] and [`history`] are what this node
+//! remembers between calls.
 //!
 //! Why two drivers on SQLite: the event path (every batch, and the history a run reads)
 //! runs on one thread that owns a rusqlite connection with cached statements, because
@@ -381,8 +382,8 @@ impl Store {
         // The usual start: everything applied already. One read, no lock, no transaction.
         // The table is made only when that read fails (a new database), so a start does
         // not pay a second round trip for it (nor PostgreSQL's notice that it exists).
-        let applied = sqlx::query_scalar("SELECT version FROM netra_migrations");
-        let applied: Vec<i64> = match applied.fetch_all(&self.pool).await {
+        let applied = || sqlx::query_scalar::<_, i64>("SELECT version FROM netra_migrations").fetch_all(&self.pool);
+        let applied = match applied().await {
             Ok(applied) => applied,
             Err(_) => {
                 sqlx::query(
@@ -391,7 +392,7 @@ impl Store {
                 )
                 .execute(&self.pool)
                 .await?;
-                sqlx::query_scalar("SELECT version FROM netra_migrations").fetch_all(&self.pool).await?
+                applied().await?
             }
         };
         if MIGRATIONS.iter().all(|(version, _, _)| applied.contains(version)) {
@@ -939,8 +940,8 @@ fn metadata_text(metadata: &Value) -> Result<String> {
     Ok(text)
 }
 
-const THREAD_SELECT: &str = "SELECT t.id, t.owner_id, t.title, t.metadata, t.created_at, t.updated_at, t.last_seq, t.message_count \
-     FROM threads t";
+const THREAD_SELECT: &str = "SELECT t.id, t.owner_id, t.title, t.metadata, t.created_at, t.updated_at, \
+     t.last_seq, t.message_count FROM threads t";
 
 fn thread_from_row(row: &AnyRow) -> Result<Thread> {
     let metadata: String = row.try_get("metadata")?;

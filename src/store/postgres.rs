@@ -101,6 +101,16 @@ impl Own {
         Ok(Self { options, connect_timeout, conn: None, used_at: Instant::now() })
     }
 
+    /// Opens the connection ahead of its first use, which would otherwise wait for it
+    /// (the startup self-test's first message waited for two: a connection is a few round
+    /// trips). A failure is left to that use, which connects again.
+    pub(super) async fn open_ahead(&mut self) {
+        if let Err(e) = self.run(async |_| Ok(())).await {
+            let name = self.options.get_application_name().unwrap_or("netra");
+            tracing::debug!(error = %e, connection = name, "a connection could not be opened ahead");
+        }
+    }
+
     /// Runs `work` on the connection; whatever state an error that is not the database's
     /// answer about the data left it in, the next call starts on a new one.
     async fn run<T>(&mut self, work: impl AsyncFnOnce(&mut PgConnection) -> Result<T>) -> Result<T> {
@@ -149,14 +159,9 @@ impl Writer {
         Ok(Self { own: Mutex::new(Own::new(url, connect_timeout, "netra writer")?) })
     }
 
-    /// Opens the connection ahead of the first batch, which would otherwise wait for it
-    /// (the startup self-test's run did: a connection is a few round trips). A failure
-    /// is left to that batch, which connects again.
+    /// Opens the connection ahead of the first batch ([`Own::open_ahead`]).
     pub(super) async fn warm(&self) {
-        let opened = self.own.lock().await.run(async |_| Ok(())).await;
-        if let Err(e) = opened {
-            tracing::debug!(error = %e, "the writer's connection could not be opened ahead");
-        }
+        self.own.lock().await.open_ahead().await;
     }
 
     /// [`Store::write_batch`](super::Store::write_batch) on PostgreSQL: returns each
@@ -213,10 +218,7 @@ const RECORD_USERS: &str = concat!(
 /// every [`Store`](super::Store) is dropped.
 pub(super) async fn record_users(mut own: Own, mut requests: tokio::sync::mpsc::Receiver<UserRequest>) {
     let mut batch = Vec::new();
-    // Connected ahead of the first user, who would otherwise wait for it.
-    if let Err(e) = own.run(async |_| Ok(())).await {
-        tracing::debug!(error = %e, "the user recorder's connection could not be opened ahead");
-    }
+    own.open_ahead().await;
     while requests.recv_many(&mut batch, 500).await > 0 {
         // One row per user: one statement may not update a row twice. The last claims win.
         let mut index: HashMap<&str, usize> = HashMap::new();
@@ -275,7 +277,8 @@ struct Columns<'a> {
     event_agents: Vec<Option<&'a str>>,
     event_payloads: Vec<&'a str>,
     event_times: Vec<&'a str>,
-    event_messages: Vec<Option<&'a str>>,
+    /// The id of the message an event carries, if any ([`Batch::message_ids`]).
+    event_messages: &'a [Option<&'a str>],
     /// A message's place of its thread's message before it (0: before the batch).
     event_previous: &'a [Option<i64>],
     starts: Vec<Run<'a>>,
@@ -347,6 +350,7 @@ impl<'a> Columns<'a> {
             c.allocated_messages.push(said.count);
             c.allocated_last_messages.push(said.last);
         }
+        c.event_messages = &batch.message_ids;
         c.event_previous = &batch.previous;
         for (job, &first) in batch.jobs.iter().zip(&batch.places) {
             let thread = job.thread_id.as_str();
@@ -358,7 +362,6 @@ impl<'a> Columns<'a> {
                 c.event_agents.push(event.agent_name.as_deref());
                 c.event_payloads.push(event.payload.get());
                 c.event_times.push(&event.timestamp);
-                c.event_messages.push(job.message_at(i));
             }
             for row in &job.rows {
                 c.push_row(thread, row);
@@ -424,7 +427,7 @@ impl<'a> Columns<'a> {
             .bind(&self.event_agents)
             .bind(&self.event_payloads)
             .bind(&self.event_times)
-            .bind(&self.event_messages)
+            .bind(self.event_messages)
             .bind(self.event_previous)
             .bind(column(starts, |r| r.id))
             .bind(column(starts, |r| r.thread_id))

@@ -430,12 +430,13 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
         "INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at, message_id, \
          previous_message) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
-    let mut previous = batch.previous.iter();
+    let mut messages = batch.message_ids.iter().zip(&batch.previous);
     for (job, first) in jobs.iter().zip(&firsts) {
         if !job.events.is_empty() {
             let thread = of(&job.thread_id)?;
             for (i, e) in job.events.iter().enumerate() {
-                let before = match previous.next().copied().flatten() {
+                let (message_id, previous) = messages.next().map_or((None, None), |(id, p)| (*id, *p));
+                let before = match previous {
                     Some(0) => thread.message_before,
                     place => place.map(|p| thread.base + p),
                 };
@@ -447,7 +448,7 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
                     e.agent_name,
                     e.payload.get(),
                     e.timestamp,
-                    job.message_at(i),
+                    message_id,
                     before
                 ])?;
             }
