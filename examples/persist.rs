@@ -23,7 +23,7 @@ fn event(kind: EventType, text: &str) -> NewEvent {
     NewEvent {
         kind,
         run_id: Some("run_bench".into()),
-        agent_name: Some("supervisor".into()),
+        agent_name: Some("supervisor"),
         timestamp: netra::protocol::now_rfc3339(),
         payload: RawValue::from_string(serde_json::json!({"content": text, "is_complete": false}).to_string())
             .expect("json"),

@@ -41,7 +41,7 @@ fn event(kind: EventType, n: usize) -> NewEvent {
     NewEvent {
         kind,
         run_id: Some("run_x".into()),
-        agent_name: Some("supervisor".into()),
+        agent_name: Some("supervisor"),
         timestamp: format!("2026-01-01T00:00:00.{n:03}Z"),
         payload: RawValue::from_string(format!("{{\"n\":{n}}}")).expect("json"),
     }
@@ -388,7 +388,7 @@ fn delta_job(thread: &str, text: &str) -> WriteJob {
         events: vec![NewEvent {
             kind: EventType::PartialResult,
             run_id: Some("run_a".into()),
-            agent_name: Some("supervisor".into()),
+            agent_name: Some("supervisor"),
             timestamp: "2026-01-01T00:00:00.000Z".into(),
             payload: RawValue::from_string(payload).expect("json"),
         }],

@@ -91,14 +91,13 @@ impl Builtin {
             ));
         }
         // The run sees the thread's earlier conversation.
-        let earlier: Vec<&str> =
-            ctx.history.iter().rev().skip(1).filter(|m| m.role == "user").map(|m| m.content.as_str()).collect();
-        if let Some(previous) = earlier.first() {
-            let shown: String = previous.chars().take(80).collect();
+        let mut earlier = ctx.history.iter().rev().skip(1).filter(|m| m.role == "user");
+        if let Some(previous) = earlier.next() {
+            let count = 1 + earlier.count();
+            let shown: String = previous.content.chars().take(80).collect();
             sentences.push(format!(
-                "Earlier in this thread ({} message{} from you) you wrote: \"{shown}\".",
-                earlier.len(),
-                if earlier.len() == 1 { "" } else { "s" }
+                "Earlier in this thread ({count} message{} from you) you wrote: \"{shown}\".",
+                if count == 1 { "" } else { "s" }
             ));
         }
         let answer = sentences.join(" ");

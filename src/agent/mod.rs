@@ -8,7 +8,7 @@ mod builtin;
 mod openai;
 pub mod tools;
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -272,11 +272,11 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a non-string panic".into())
 }
 
-fn run_event(run_id: &str, payload: &Payload<'_>) -> NewEvent {
+fn run_event(run_id: &Arc<str>, payload: &Payload<'_>) -> NewEvent {
     NewEvent {
         kind: payload.kind(),
-        run_id: Some(run_id.to_string()),
-        agent_name: Some(AGENT_NAME.to_string()),
+        run_id: Some(run_id.clone()),
+        agent_name: Some(AGENT_NAME),
         timestamp: now_rfc3339(),
         payload: payload.to_raw(),
     }
@@ -419,7 +419,7 @@ impl Supervisor {
             &run.thread_id,
             &run.run_id,
             "interrupted",
-            failure_events(&run.run_id, message, "interrupted"),
+            failure_events(&Arc::from(run.run_id.as_str()), message, "interrupted"),
             Some(message),
             None,
         );
@@ -508,19 +508,20 @@ impl Supervisor {
             user_id: user_id.to_string(),
             node_id: self.inner.node_id.clone(),
         });
+        let run: Arc<str> = Arc::from(run_id.as_str());
         let mut echo =
-            run_event(&run_id, &Payload::UserMessage { message_id: &message_id, content: text, role: Role::User });
+            run_event(&run, &Payload::UserMessage { message_id: &message_id, content: text, role: Role::User });
         echo.agent_name = None;
         events.push(echo);
         let message = format!("{AGENT_NAME} started");
         events.push(run_event(
-            &run_id,
+            &run,
             &Payload::AgentStarted { status: Status::Started, message: &message, context: Empty {} },
         ));
         let job = WriteJob { thread_id: thread_id.clone(), rows, events };
         let started = RunStarted { run_id: run_id.clone(), thread_id: thread_id.clone() };
         let ctx = RunContext {
-            run_id: Arc::from(run_id.as_str()),
+            run_id: run,
             thread_id: thread_id.clone(),
             owner: user_id.to_string(),
             text: text.to_string(),
@@ -877,7 +878,7 @@ impl Supervisor {
     }
 }
 
-fn failure_events(run_id: &str, message: &str, reason: &str) -> Vec<NewEvent> {
+fn failure_events(run_id: &Arc<str>, message: &str, reason: &str) -> Vec<NewEvent> {
     vec![
         run_event(
             run_id,

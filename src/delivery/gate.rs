@@ -8,7 +8,9 @@
 //! order). Held events follow once the gap is filled. With the in-process broker only
 //! the writer delivers, in order: no lane is kept.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! The connections of this node, by user, and the fan-out of one event to them.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::connection::{Offer, Push};

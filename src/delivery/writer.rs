@@ -4,7 +4,7 @@
 //! run's later links are refused, in order. A run's `partial_result` deltas that wait in
 //! the same batch become one event ([`merge_deltas`]).
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::Arc;
 use std::time::Instant;
 

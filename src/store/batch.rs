@@ -4,7 +4,7 @@
 //! (migration 0011). The backends' writers ([`super::sqlite`], [`super::postgres`])
 //! turn it into their statements.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use super::{Result, Row, StoreError, WriteJob};
 

@@ -3,7 +3,7 @@
 //! and only ever right or absent: an owner never changes, and a user's claims are
 //! recorded again when they change.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Mutex;
 
 /// A digest of a user's email and name, as its token gave them: what the map of recorded

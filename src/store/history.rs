@@ -9,7 +9,9 @@
 //! says which `seq` it needs the history through (its run's own message): an entry
 //! that has not seen that far, because another node wrote since, is not used.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;

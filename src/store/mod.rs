@@ -240,8 +240,9 @@ pub struct OrphanedRun {
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub kind: EventType,
-    pub run_id: Option<String>,
-    pub agent_name: Option<String>,
+    /// Shared by every event of its run.
+    pub run_id: Option<Arc<str>>,
+    pub agent_name: Option<&'static str>,
     pub timestamp: String,
     pub payload: Box<RawValue>,
 }
@@ -254,7 +255,7 @@ impl NewEvent {
             thread_id,
             run_id: self.run_id.as_deref(),
             seq,
-            agent_name: self.agent_name.as_deref(),
+            agent_name: self.agent_name,
             timestamp: &self.timestamp,
             payload: &self.payload,
         }

@@ -359,7 +359,7 @@ impl<'a> Columns<'a> {
                 c.event_places.push(first + i as i64);
                 c.event_runs.push(event.run_id.as_deref());
                 c.event_kinds.push(event.kind.as_str());
-                c.event_agents.push(event.agent_name.as_deref());
+                c.event_agents.push(event.agent_name);
                 c.event_payloads.push(event.payload.get());
                 c.event_times.push(&event.timestamp);
             }
