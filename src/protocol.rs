@@ -511,8 +511,9 @@ impl EventText<'_> {
 /// `value` as a JSON string, as serde_json writes it: copied between quotes when it has
 /// nothing to escape (ids, types and times never do), escaped by serde_json otherwise.
 fn push_json_string(text: &mut String, value: &str) {
-    let plain = value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
-    if plain {
+    // A fold, not `all`: without the early exit the check runs 32 bytes at a time.
+    let escape = value.bytes().fold(false, |escape, b| escape | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if !escape {
         text.push('"');
         text.push_str(value);
         text.push('"');

@@ -438,7 +438,7 @@ impl Supervisor {
         let (user_id, thread_id, text) = (user_id.to_string(), thread_id.map(str::to_string), text.to_string());
         self.inner
             .tracker
-            .spawn(async move { this.start_now(&user_id, thread_id.as_deref(), &text).await })
+            .spawn(Box::pin(async move { this.start_now(&user_id, thread_id.as_deref(), &text).await }))
             .await
             .unwrap_or_else(|e| {
                 tracing::error!(error = %e, "a run's start panicked");
@@ -582,7 +582,9 @@ impl Supervisor {
         metrics::gauge!(metric::RUNS_ACTIVE).increment(1.0);
         let (written, start_written) = oneshot::channel();
         let this = self.clone();
-        self.inner.tracker.spawn(async move { this.execute(ctx, cancel, Some(start_written)).await });
+        // Boxed: a run's future is large, and the task would otherwise copy it whole into
+        // its cell and again when it finishes.
+        self.inner.tracker.spawn(Box::pin(async move { this.execute(ctx, cancel, Some(start_written)).await }));
         let outcome = start.wait().await;
         let _ = written.send(outcome.is_ok());
         let first = outcome?;
@@ -616,7 +618,7 @@ impl Supervisor {
         metrics::counter!(metric::RUN_STARTS, "start" => "after_commit").increment(1);
         metrics::gauge!(metric::RUNS_ACTIVE).increment(1.0);
         let this = self.clone();
-        self.inner.tracker.spawn(async move { this.execute(ctx, cancel, None).await });
+        self.inner.tracker.spawn(Box::pin(async move { this.execute(ctx, cancel, None).await }));
         Ok(())
     }
 
