@@ -488,6 +488,11 @@ struct EventRow<'a> {
 /// Each statement costs SQLite its own start, cursors, seek to the table's end and halt
 /// (about a third of a one-row insert), so a batch of 250 events takes 10 statements
 /// instead of 250. A few fixed sizes keep the prepared statements cached.
+///
+/// `OR FAIL`: a statement of many rows that may stop halfway otherwise keeps a
+/// statement journal, to undo its own earlier rows, in a temporary file: half again as
+/// many `pwrite`s per chat message. Any failure here fails the whole batch, which is
+/// rolled back, so there is nothing for a statement journal to do.
 const ROWS_PER_INSERT: [usize; 4] = [64, 16, 4, 1];
 
 fn insert_events(tx: &rusqlite::Transaction<'_>, rows: &[EventRow<'_>]) -> Result<()> {
@@ -496,8 +501,8 @@ fn insert_events(tx: &rusqlite::Transaction<'_>, rows: &[EventRow<'_>]) -> Resul
         ROWS_PER_INSERT.map(|n| {
             let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ");
             format!(
-                "INSERT INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at, message_id, \
-                 previous_message) VALUES {values}"
+                "INSERT OR FAIL INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at, \
+                 message_id, previous_message) VALUES {values}"
             )
         })
     });
