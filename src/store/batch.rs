@@ -25,6 +25,9 @@ pub(super) struct Batch<'a> {
     pub(super) jobs: &'a [WriteJob],
     /// Events per thread of the batch, in order of first appearance.
     pub(super) totals: Vec<(&'a str, i64)>,
+    /// Each thread's place in `totals` (and `messages`): a batch of a busy node holds
+    /// hundreds of jobs over tens of threads, too many to search for each job.
+    pub(super) thread_index: HashMap<&'a str, usize>,
     /// The messages of each thread of the batch (events that carry one), in the same order.
     pub(super) messages: Vec<Said>,
     /// Each job's place among its thread's events in the batch: that of its first event
@@ -51,6 +54,7 @@ pub(super) struct Said {
 impl<'a> Batch<'a> {
     pub(super) fn new(jobs: &'a [WriteJob]) -> Self {
         let mut totals: Vec<(&str, i64)> = Vec::new();
+        let mut thread_index: HashMap<&str, usize> = HashMap::new();
         let mut messages: Vec<Said> = Vec::new();
         let mut placed: HashMap<&str, i64> = HashMap::new();
         let mut places = Vec::with_capacity(jobs.len());
@@ -64,7 +68,7 @@ impl<'a> Batch<'a> {
             if job.events.is_empty() {
                 continue;
             }
-            let i = totals.iter().position(|(t, _)| *t == job.thread_id).unwrap_or_else(|| {
+            let i = *thread_index.entry(&job.thread_id).or_insert_with(|| {
                 totals.push((&job.thread_id, 0));
                 messages.push(Said::default());
                 totals.len() - 1
@@ -83,7 +87,13 @@ impl<'a> Batch<'a> {
                 }
             }
         }
-        Self { jobs, totals, messages, places, message_ids, previous }
+        Self { jobs, totals, thread_index, messages, places, message_ids, previous }
+    }
+
+    /// The events and messages of `thread` in the batch (none for a thread the batch only
+    /// creates or locks).
+    pub(super) fn counts(&self, thread: &str) -> (i64, Said) {
+        self.thread_index.get(thread).map_or((0, Said::default()), |&i| (self.totals[i].1, self.messages[i]))
     }
 
     /// The first `seq` of each job, from the `(id, last_seq)` each thread reached in the
@@ -92,7 +102,7 @@ impl<'a> Batch<'a> {
         // The seq each thread had before the batch.
         let mut before: HashMap<&str, i64> = HashMap::with_capacity(self.totals.len());
         for (id, last) in handed_out {
-            if let Some((thread, n)) = self.totals.iter().find(|(t, _)| *t == id) {
+            if let Some(&(thread, n)) = self.thread_index.get(id).map(|&i| &self.totals[i]) {
                 before.insert(thread, last - n);
             }
         }

@@ -16,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError};
 use sqlx::{Connection as _, Row as _};
 use tokio::sync::Mutex;
 
-use super::batch::{Batch, Said};
+use super::batch::Batch;
 use super::{NewUser, Result, Row, StoreError, WriteJob, shared_outcome};
 
 /// Writes a batch of jobs in one statement. Threads the batch creates start with
@@ -310,15 +310,10 @@ impl<'a> Run<'a> {
 impl<'a> Columns<'a> {
     fn of(batch: &'a Batch<'a>) -> Self {
         let mut c = Self::default();
-        // Events and messages per thread.
-        let counts = |thread: &str| {
-            let i = batch.totals.iter().position(|(t, _)| *t == thread);
-            i.map_or((0, Said::default()), |i| (batch.totals[i].1, batch.messages[i]))
-        };
         for job in batch.jobs {
             for row in &job.rows {
                 if let Row::CreateThread { owner_id, title } = row {
-                    let (events, said) = counts(&job.thread_id);
+                    let (events, said) = batch.counts(&job.thread_id);
                     c.created_ids.push(&job.thread_id);
                     c.created_owners.push(owner_id);
                     c.created_titles.push(title);
@@ -344,7 +339,7 @@ impl<'a> Columns<'a> {
         // threads wait for each other instead of deadlocking.
         allocated.sort_unstable();
         for thread in allocated {
-            let (events, said) = counts(thread);
+            let (events, said) = batch.counts(thread);
             c.allocated_ids.push(thread);
             c.allocated_events.push(events);
             c.allocated_messages.push(said.count);

@@ -425,7 +425,11 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
     }
     // A thread missing or deleted fails the batch here: no row of it is written.
     let firsts = batch.firsts(allocated.iter().map(|a| (a.thread, a.last)))?;
-    let of = |thread: &str| allocated.iter().find(|a| a.thread == thread).ok_or(StoreError::NotFound);
+    // `allocated` follows `totals`, whole: `firsts` failed the batch otherwise.
+    let of = |thread: &str| {
+        let i = batch.thread_index.get(thread).copied();
+        i.and_then(|i| allocated.get(i)).filter(|a| a.thread == thread).ok_or(StoreError::NotFound)
+    };
     let mut rows: Vec<EventRow<'_>> = Vec::with_capacity(batch.message_ids.len());
     let mut messages = batch.message_ids.iter().zip(&batch.previous);
     for (job, first) in jobs.iter().zip(&firsts) {
