@@ -465,7 +465,7 @@ impl EventFrame {
 /// gives for this struct (the tests hold the two together), but it copies the field
 /// names, and every value that needs no escape, instead of passing them byte by byte
 /// through serde_json's escaper: that escaper was a tenth of a chat message's
-/// instructions, and two fifths of it came from here.
+/// instructions, and half of it came from here.
 #[derive(Debug, Serialize)]
 pub struct EventText<'a> {
     #[serde(rename = "type")]

@@ -499,11 +499,15 @@ struct EventRow<'a> {
 /// rolled back, so there is nothing for a statement journal to do.
 const ROWS_PER_INSERT: [usize; 4] = [64, 16, 4, 1];
 
+/// The columns of one event row, as the INSERT lists them.
+const EVENT_COLUMNS: usize = 9;
+
 fn insert_events(tx: &rusqlite::Transaction<'_>, rows: &[EventRow<'_>]) -> Result<()> {
     static STATEMENTS: OnceLock<[String; 4]> = OnceLock::new();
     let statements = STATEMENTS.get_or_init(|| {
         ROWS_PER_INSERT.map(|n| {
-            let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ");
+            let row = format!("({})", ["?"; EVENT_COLUMNS].join(", "));
+            let values = vec![row; n].join(", ");
             format!(
                 "INSERT OR FAIL INTO events (thread_num, seq, run_id, type, agent_name, payload, created_at, \
                  message_id, previous_message) VALUES {values}"
@@ -520,7 +524,7 @@ fn insert_events(tx: &rusqlite::Transaction<'_>, rows: &[EventRow<'_>]) -> Resul
             let (chunk, after) = rest.split_at(*size);
             for (i, row) in chunk.iter().enumerate() {
                 let e = row.event;
-                let at = i * 9;
+                let at = i * EVENT_COLUMNS;
                 insert.raw_bind_parameter(at + 1, row.thread)?;
                 insert.raw_bind_parameter(at + 2, row.seq)?;
                 insert.raw_bind_parameter(at + 3, e.run_id.as_deref())?;
