@@ -63,6 +63,9 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     // Runs whose chain of writes is broken, until their last write comes by.
     let mut broken: HashSet<Arc<str>> = HashSet::new();
+    // Looked up once: a metric named in a hot loop is found by its key on every call.
+    let (batch_jobs, latency) =
+        (metrics::histogram!(metric::STORE_BATCH_JOBS), metrics::histogram!(metric::DELIVERY_LATENCY));
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Let the tasks that are ready run first: a run started by the job just taken
         // submits its first events now, and they join the same commit.
@@ -73,7 +76,7 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
                 Err(_) => break,
             }
         }
-        metrics::histogram!(metric::STORE_BATCH_JOBS).record(batch.len() as f64);
+        batch_jobs.record(batch.len() as f64);
         let mut jobs = Vec::with_capacity(batch.len());
         let mut waiters = Vec::with_capacity(batch.len());
         for Pending { job, waiter, chain } in batch.drain(..) {
@@ -89,7 +92,10 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
         // The jobs move out of their envelopes into one shared slice: no copy of any payload.
         let jobs: Arc<[WriteJob]> = jobs.into();
         match store.write_batch(&jobs).await {
-            Ok(firsts) => publish_all(&route, jobs.iter().zip(waiters.into_iter().map(|(waiter, _)| waiter)), firsts),
+            Ok(firsts) => {
+                let committed = jobs.iter().zip(waiters.into_iter().map(|(waiter, _)| waiter));
+                publish_all(&route, committed, firsts, &latency);
+            }
             Err(e) if jobs.len() == 1 => {
                 tracing::warn!(error = %e, "event write failed");
                 if let Some((waiter, chain)) = waiters.into_iter().next() {
@@ -113,7 +119,7 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
                     let Some(waiter) = admit(&mut broken, waiter, chain.as_ref()) else { continue };
                     let single: Arc<[WriteJob]> = Arc::new([job.clone()]);
                     match store.write_batch(&single).await {
-                        Ok(firsts) => publish_all(&route, std::iter::once((job, waiter)), firsts),
+                        Ok(firsts) => publish_all(&route, std::iter::once((job, waiter)), firsts, &latency),
                         Err(e) => {
                             break_chain(&mut broken, chain.as_ref());
                             waiter.answer(Err(e.into()));
@@ -159,11 +165,18 @@ fn break_chain(broken: &mut HashSet<Arc<str>>, chain: Option<&Chain>) {
 
 /// Hands the events of jobs committed together to their readers (see [`publish`]), then
 /// wakes the connections they were offered to, once.
-fn publish_all<'a>(route: &Route, jobs: impl Iterator<Item = (&'a WriteJob, Waiter)>, firsts: Vec<u64>) {
+fn publish_all<'a>(
+    route: &Route,
+    jobs: impl Iterator<Item = (&'a WriteJob, Waiter)>,
+    firsts: Vec<u64>,
+    latency: &metrics::Histogram,
+) {
     let mut wakes = Wakes::default();
     let mut outcomes = Outcomes::default();
     for ((job, waiter), first) in jobs.zip(firsts) {
+        let queued_at = waiter.queued_at;
         publish(route, job, waiter, first, &mut wakes, &mut outcomes);
+        latency.record(queued_at.elapsed().as_secs_f64());
     }
     route.settle(wakes);
     outcomes.count();
@@ -231,7 +244,6 @@ fn publish(route: &Route, job: &WriteJob, waiter: Waiter, first: u64, wakes: &mu
         };
         outcomes.add(outcome);
     }
-    metrics::histogram!(metric::DELIVERY_LATENCY).record(waiter.queued_at.elapsed().as_secs_f64());
     waiter.answer(Ok(first));
 }
 
