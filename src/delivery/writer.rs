@@ -183,7 +183,7 @@ fn publish_all<'a>(
 }
 
 /// The events of one commit by outcome, counted once per commit: a labelled counter
-/// builds its key and looks it up each time, 1 % of a chat message's instructions when
+/// builds its key and looks it up each time, 3 % of a chat message's instructions when
 /// it was counted per event.
 #[derive(Default)]
 struct Outcomes {
