@@ -56,15 +56,14 @@ impl<'a> Batch<'a> {
         let mut totals: Vec<(&str, i64)> = Vec::new();
         let mut thread_index: HashMap<&str, usize> = HashMap::new();
         let mut messages: Vec<Said> = Vec::new();
-        let mut placed: HashMap<&str, i64> = HashMap::new();
         let mut places = Vec::with_capacity(jobs.len());
         let mut message_ids = Vec::new();
         let mut previous = Vec::new();
         for job in jobs {
-            let before = placed.entry(&job.thread_id).or_insert(0);
-            let first = *before + 1;
+            // The thread's events in the jobs before this one are its total so far.
+            let seen = thread_index.get(job.thread_id.as_str()).copied();
+            let first = seen.map_or(0, |i| totals[i].1) + 1;
             places.push(first);
-            *before += job.events.len() as i64;
             if job.events.is_empty() {
                 continue;
             }
@@ -99,21 +98,24 @@ impl<'a> Batch<'a> {
     /// The first `seq` of each job, from the `(id, last_seq)` each thread reached in the
     /// writing transaction. A thread that is missing or deleted fails the batch (`NotFound`).
     pub(super) fn firsts<'s>(&self, handed_out: impl IntoIterator<Item = (&'s str, i64)>) -> Result<Vec<i64>> {
-        // The seq each thread had before the batch.
-        let mut before: HashMap<&str, i64> = HashMap::with_capacity(self.totals.len());
+        // The seq each thread had before the batch, in the order of `totals`.
+        let mut before: Vec<Option<i64>> = vec![None; self.totals.len()];
         for (id, last) in handed_out {
-            if let Some(&(thread, n)) = self.thread_index.get(id).map(|&i| &self.totals[i]) {
-                before.insert(thread, last - n);
+            if let Some(&i) = self.thread_index.get(id) {
+                before[i] = Some(last - self.totals[i].1);
             }
         }
-        if before.len() != self.totals.len() {
+        if before.contains(&None) {
             return Err(StoreError::NotFound);
         }
         Ok(self
             .jobs
             .iter()
             .zip(&self.places)
-            .map(|(job, place)| before.get(job.thread_id.as_str()).map_or(0, |seq| seq + place))
+            .map(|(job, place)| {
+                let seq = self.thread_index.get(job.thread_id.as_str()).and_then(|&i| before[i]);
+                seq.map_or(0, |seq| seq + place)
+            })
             .collect())
     }
 }
