@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::gate::Arrival;
 use super::registry::{Wakes, fan_out};
-use super::{DeliveryError, DeliveryOutcome, DropReason, Link, Route};
+use super::{DeliveryError, DeliveryOutcome, Link, Route};
 use crate::protocol::{EventType, Frame, Payload};
 use crate::store::{Store, StoreError, WriteJob};
 use crate::telemetry::metric;
@@ -187,27 +187,25 @@ fn publish_all<'a>(
 /// it was counted per event.
 #[derive(Default)]
 struct Outcomes {
-    delivered: u64,
-    stored: u64,
+    /// Events per outcome label, in order of first appearance.
+    by_label: Vec<(&'static str, u64)>,
     dropped: u64,
 }
 
 impl Outcomes {
     fn add(&mut self, outcome: DeliveryOutcome) {
-        match outcome {
-            DeliveryOutcome::Delivered(_) => self.delivered += 1,
-            DeliveryOutcome::Stored => self.stored += 1,
-            DeliveryOutcome::Dropped(_) => self.dropped += 1,
+        let label = outcome.label();
+        match self.by_label.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, n)) => *n += 1,
+            None => self.by_label.push((label, 1)),
+        }
+        if let DeliveryOutcome::Dropped(_) = outcome {
+            self.dropped += 1;
         }
     }
 
     fn count(self) {
-        let labels = [
-            (DeliveryOutcome::Delivered(0).label(), self.delivered),
-            (DeliveryOutcome::Stored.label(), self.stored),
-            (DeliveryOutcome::Dropped(DropReason::QueueFull).label(), self.dropped),
-        ];
-        for (label, n) in labels.into_iter().filter(|(_, n)| *n > 0) {
+        for (label, n) in self.by_label {
             metrics::counter!(metric::EVENTS, "outcome" => label).increment(n);
         }
         if self.dropped > 0 {
