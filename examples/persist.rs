@@ -77,6 +77,7 @@ async fn main() {
                 thread_id: thread_id.clone(),
                 rows: vec![Row::CreateThread { owner_id: "bench".into(), title: "bench".into() }],
                 events: vec![event(EventType::ThreadCreated, "")],
+                expected_last_seq: None,
             };
             delivery.commit(job, "bench").await.expect("create thread");
             threads.push(thread_id);
@@ -94,6 +95,7 @@ async fn main() {
                         thread_id: thread_id.clone(),
                         rows: vec![],
                         events: vec![event(EventType::PartialResult, &text)],
+                        expected_last_seq: None,
                     };
                     in_flight.push_back((Instant::now(), delivery.submit(job, "bench").await.expect("submit")));
                     if in_flight.len() >= window {

@@ -149,3 +149,31 @@ async fn a_node_started_while_redis_is_away_is_ready_degraded_and_heals() {
     assert_ne!(code, Some(0));
     assert!(required.stderr().contains("broker"), "{}", required.stderr());
 }
+
+/// A node answers a thread's runs from the history it keeps; when another node wrote
+/// the thread since, the run must still see the whole conversation: its start, made for
+/// the thread as this node last saw it, is refused, and the run starts again on it as
+/// it is.
+#[tokio::test]
+async fn a_run_sees_the_messages_another_node_wrote_since() {
+    let redis = Redis::start().await;
+    let (a, b) = two_nodes(&redis, "0ms").await;
+    let user = unique("fay");
+    let mut on_a = a.connect(&user).await;
+    let first = on_a.chat("first words", None).await;
+    let thread = first.last().expect("frames")["thread_id"].as_str().expect("thread id").to_string();
+    // Connected after A's run: this tab sees only what follows.
+    let mut on_b = b.connect(&user).await;
+    let second = on_b.chat("second words", Some(&thread)).await;
+    let run_b = second.last().expect("frames")["run_id"].as_str().expect("run id").to_string();
+    // A's tab sees B's run too: read it, so A's next run is all that follows.
+    run_seen(&mut on_a, &run_b).await;
+    let third = on_a.chat("third words", Some(&thread)).await;
+    let report = third.iter().find(|f| f["type"] == "final_report").expect("the run completes");
+    let answer = report["payload"]["executive_summary"].as_str().expect("answer");
+    assert!(answer.contains("(2 messages from you) you wrote: \"second words\""), "{answer}");
+    assert_dense(&third);
+    let metrics = reqwest::get(a.http("/metrics")).await.expect("metrics").text().await.expect("text");
+    let raced = metrics.lines().find_map(|l| l.strip_prefix("netra_run_starts_total{start=\"raced\"}"));
+    assert_eq!(raced.map(str::trim), Some("1"), "A's start raced B's write once:\n{metrics}");
+}

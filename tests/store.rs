@@ -49,6 +49,7 @@ fn event(kind: EventType, n: usize) -> NewEvent {
 
 fn new_thread_job(thread: &str, owner: &str) -> WriteJob {
     WriteJob {
+        expected_last_seq: None,
         thread_id: thread.into(),
         rows: vec![Row::CreateThread { owner_id: owner.into(), title: "t".into() }],
         events: vec![event(EventType::ThreadCreated, 0)],
@@ -57,6 +58,7 @@ fn new_thread_job(thread: &str, owner: &str) -> WriteJob {
 
 fn append_job(thread: &str, n: usize) -> WriteJob {
     WriteJob {
+        expected_last_seq: None,
         thread_id: thread.into(),
         rows: vec![],
         events: (0..n).map(|i| event(EventType::PartialResult, i)).collect(),
@@ -107,7 +109,7 @@ async fn a_batch_of_any_size_files_each_event_once_in_its_place() {
                 let n = size.min(total - written);
                 let thread = if jobs.len().is_multiple_of(2) { &a } else { &b };
                 let events = (written..written + n).map(|i| event(EventType::PartialResult, i)).collect();
-                jobs.push(WriteJob { thread_id: thread.clone(), rows: vec![], events });
+                jobs.push(WriteJob { expected_last_seq: None, thread_id: thread.clone(), rows: vec![], events });
                 written += n;
                 size += 1;
             }
@@ -221,6 +223,7 @@ fn message_job(thread: &str, text: &str) -> WriteJob {
         ..event(EventType::UserMessage, 0)
     };
     WriteJob {
+        expected_last_seq: None,
         thread_id: thread.into(),
         rows: vec![Row::Message { id, role: "user", content: text.into(), event_index: 0 }],
         events: vec![echo],
@@ -424,6 +427,7 @@ async fn a_failed_write_breaks_its_runs_chain() {
 fn delta_job(thread: &str, text: &str) -> WriteJob {
     let payload = serde_json::json!({"content": text, "is_complete": false}).to_string();
     WriteJob {
+        expected_last_seq: None,
         thread_id: thread.into(),
         rows: vec![],
         events: vec![NewEvent {
@@ -480,7 +484,12 @@ async fn merged_deltas_survive_a_failed_batch_and_never_jump_their_runs_failure(
 }
 
 fn run_job(thread: &str, rows: Vec<Row>) -> WriteJob {
-    WriteJob { thread_id: thread.into(), rows, events: vec![event(EventType::AgentStarted, 0)] }
+    WriteJob {
+        expected_last_seq: None,
+        thread_id: thread.into(),
+        rows,
+        events: vec![event(EventType::AgentStarted, 0)],
+    }
 }
 
 fn start(run: &str) -> Row {
@@ -584,7 +593,8 @@ async fn postgres_run_rows_without_events_still_need_their_thread() {
     let thread = unique("th");
     store.write_batch(&vec![new_thread_job(&thread, "u")].into()).await.expect("create");
     let (run, early) = (unique("run"), unique("run"));
-    let bare = |thread: &str, rows| WriteJob { thread_id: thread.into(), rows, events: vec![] };
+    let bare =
+        |thread: &str, rows| WriteJob { expected_last_seq: None, thread_id: thread.into(), rows, events: vec![] };
     // Rows with no event of their thread in the batch: the thread is still checked.
     store.write_batch(&vec![bare(&thread, vec![start(&run)])].into()).await.expect("an existing thread");
     assert_eq!(store.run_status(&run).await.expect("run"), "running");
@@ -709,5 +719,78 @@ async fn an_older_database_keeps_its_events_and_messages_when_filed_under_thread
         assert!(store.events_after(a, 0, 100, usize::MAX).await.expect("a").is_empty(), "{backend:?}");
         assert_eq!(store.messages(a, 10, 0).await.expect("a").1, 0, "{backend:?}");
         assert_eq!(store.messages(b, 10, 0).await.expect("b").1, 2, "{backend:?}");
+    }
+}
+
+/// `job`, made for its thread at `last_seq` (as a run that took its history from memory).
+fn expecting(mut job: WriteJob, last_seq: u64) -> WriteJob {
+    job.expected_last_seq = Some(last_seq);
+    job
+}
+
+/// A job made for its thread as it was is written only if nothing was written to the
+/// thread since; otherwise the batch writes nothing and names it, whatever else it holds.
+#[tokio::test]
+async fn a_job_made_for_its_thread_as_it_no_longer_is_is_not_written() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(backend, &dir).await;
+        let (one, two) = (unique("th"), unique("th"));
+        store.write_batch(&vec![new_thread_job(&one, "u"), new_thread_job(&two, "u")].into()).await.expect("create");
+        let last = |thread: String| {
+            let store = store.clone();
+            async move { store.thread(&thread).await.expect("thread").last_seq }
+        };
+        // Each thread is at seq 1. A job that expects 0 raced a write, wherever it is in the batch.
+        let raced = store.write_batch(&vec![append_job(&two, 1), expecting(append_job(&one, 1), 0)].into()).await;
+        assert!(matches!(raced, Err(StoreError::Raced(ref jobs)) if jobs == &[1]), "{backend:?}: {raced:?}");
+        let raced = store.write_batch(&vec![expecting(append_job(&one, 1), 0), append_job(&two, 1)].into()).await;
+        assert!(matches!(raced, Err(StoreError::Raced(ref jobs)) if jobs == &[0]), "{backend:?}: {raced:?}");
+        assert_eq!((last(one.clone()).await, last(two.clone()).await), (1, 1), "{backend:?}: nothing written");
+        // What the jobs before it in the batch write is counted in: after 2 events, 3.
+        let firsts = store
+            .write_batch(&vec![append_job(&one, 2), expecting(append_job(&one, 1), 3), append_job(&two, 1)].into())
+            .await
+            .expect("an expectation that holds");
+        assert_eq!(firsts, [2, 4, 2], "{backend:?}");
+        let raced = store.write_batch(&vec![append_job(&one, 2), expecting(append_job(&one, 1), 4)].into()).await;
+        assert!(matches!(raced, Err(StoreError::Raced(ref jobs)) if jobs == &[1]), "{backend:?}: {raced:?}");
+        // A missing or deleted thread is missing, not raced.
+        let missing = store
+            .write_batch(&vec![append_job(&unique("th-missing"), 1), expecting(append_job(&one, 1), 4)].into())
+            .await;
+        assert!(matches!(missing, Err(StoreError::NotFound)), "{backend:?}: {missing:?}");
+        assert_eq!((last(one.clone()).await, last(two.clone()).await), (4, 2), "{backend:?}");
+        store.delete_thread(&two).await.expect("delete");
+        let gone = store.write_batch(&vec![expecting(append_job(&two, 1), 2)].into()).await;
+        assert!(matches!(gone, Err(StoreError::NotFound)), "{backend:?}: {gone:?}");
+        let firsts = store.write_batch(&vec![expecting(append_job(&one, 1), 4)].into()).await.expect("holds");
+        assert_eq!(firsts, [5], "{backend:?}");
+    }
+}
+
+/// A raced job fails alone, with its run's later writes; the rest of its batch, other
+/// runs' writes to the same thread too, is written as if it had never been there.
+#[tokio::test]
+async fn a_raced_write_fails_with_its_runs_later_writes_and_nothing_else() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, delivery) = delivering(backend, &dir).await;
+        let thread = unique("th");
+        delivery.commit(new_thread_job(&thread, "u"), "u").await.expect("create");
+        let (run, other): (Arc<str>, Arc<str>) = (Arc::from("run_a"), Arc::from("run_b"));
+        // All submitted before any commit is awaited, as a run does: they share a batch.
+        let start =
+            delivery.submit_in(&run, Link::Next, expecting(append_job(&thread, 2), 0), "u").await.expect("submit");
+        let after = delivery.submit_in(&run, Link::Next, append_job(&thread, 1), "u").await.expect("submit");
+        let unrelated = delivery.submit_in(&other, Link::Last, append_job(&thread, 1), "u").await.expect("submit");
+        let close = delivery.submit_in(&run, Link::Close, append_job(&thread, 1), "u").await.expect("submit");
+        assert!(matches!(start.wait().await, Err(DeliveryError::Raced)), "{backend:?}");
+        assert!(matches!(after.wait().await, Err(DeliveryError::EarlierWriteFailed)), "{backend:?}");
+        assert_eq!(unrelated.wait().await.expect("another run is not affected"), 2, "{backend:?}");
+        assert_eq!(close.wait().await.expect("a closing write goes through"), 3, "{backend:?}");
+        let seqs: Vec<u64> =
+            store.events_after(&thread, 0, 100, usize::MAX).await.expect("read").iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3], "{backend:?}");
     }
 }

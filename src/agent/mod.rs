@@ -227,6 +227,7 @@ impl RunContext {
     async fn push_event(&self, payload: &Payload<'_>) -> Result<(), DeliveryError> {
         self.check_written()?;
         let job = WriteJob {
+            expected_last_seq: None,
             thread_id: self.thread_id.clone(),
             rows: Vec::new(),
             events: vec![run_event(&self.run_id, payload)],
@@ -447,6 +448,26 @@ impl Supervisor {
     }
 
     async fn start_now(&self, user_id: &str, thread_id: Option<&str>, text: &str) -> Result<RunStarted, StartError> {
+        match self.start_once(user_id, thread_id, text, true).await {
+            // Another node wrote the thread since this node last did, and nothing of the
+            // start was written: the run starts again, reading its history after its start.
+            Err(StartError::Delivery(DeliveryError::Raced)) => {
+                metrics::counter!(metric::RUN_STARTS, "start" => "raced").increment(1);
+                self.start_once(user_id, thread_id, text, false).await
+            }
+            started => started,
+        }
+    }
+
+    /// Starts a run; `ahead`: from the history this node keeps, if it has it
+    /// ([`Supervisor::start_ahead`]).
+    async fn start_once(
+        &self,
+        user_id: &str,
+        thread_id: Option<&str>,
+        text: &str,
+        ahead: bool,
+    ) -> Result<RunStarted, StartError> {
         if !self.inner.accepting.load(Ordering::Acquire) {
             return Err(StartError::ShuttingDown);
         }
@@ -518,7 +539,7 @@ impl Supervisor {
             &run,
             &Payload::AgentStarted { status: Status::Started, message: &message, context: Empty {} },
         ));
-        let job = WriteJob { thread_id: thread_id.clone(), rows, events };
+        let job = WriteJob { expected_last_seq: None, thread_id: thread_id.clone(), rows, events };
         let started = RunStarted { run_id: run_id.clone(), thread_id: thread_id.clone() };
         let ctx = RunContext {
             run_id: run,
@@ -533,10 +554,16 @@ impl Supervisor {
             stream_interval: self.inner.stream_interval,
             timing: std::sync::Mutex::new(timing),
         };
-        let known =
-            if thread_quiet { self.inner.store.history_now(&thread_id, create, HISTORY_MESSAGES - 1) } else { None };
+        let known = if thread_quiet && ahead {
+            self.inner.store.history_now(&thread_id, create, HISTORY_MESSAGES - 1)
+        } else {
+            None
+        };
         match known {
             Some((through, history)) => {
+                // Another node may have written the thread since this one last did: the
+                // start is written only if it has not ([`DeliveryError::Raced`]).
+                let job = WriteJob { expected_last_seq: (!create).then_some(through), ..job };
                 self.start_ahead(ctx, cancel, job, through, history, message_index, &message_id).await?;
             }
             None => self.start_after_commit(ctx, cancel, job, message_index).await?,
@@ -547,7 +574,10 @@ impl Supervisor {
     /// Starts a run whose history is known before its start is written: its first
     /// events follow the start in the run's chain of writes, so a fast run is one commit
     /// (its thread's pages written once, not twice). The start's outcome is still
-    /// awaited before the caller hears it.
+    /// awaited before the caller hears it. The start is written only if the thread is
+    /// still as this node last wrote it ([`WriteJob::expected_last_seq`]): on PostgreSQL
+    /// another node may have written it since, and then nothing of the run is written
+    /// ([`DeliveryError::Raced`]) and [`Supervisor::start_now`] starts it again.
     #[allow(clippy::too_many_arguments)]
     async fn start_ahead(
         &self,
@@ -587,16 +617,8 @@ impl Supervisor {
         self.inner.tracker.spawn(Box::pin(async move { this.execute(ctx, cancel, Some(start_written)).await }));
         let outcome = start.wait().await;
         let _ = written.send(outcome.is_ok());
-        let first = outcome?;
-        let label = if first + message_index as u64 == message_seq {
-            "one_commit"
-        } else {
-            // Something else was written to the thread in between (not by a run of this
-            // node): the run saw the thread as it was when its message was accepted.
-            tracing::debug!(run_id = %run_id, "a write to the thread raced this run's start");
-            "raced"
-        };
-        metrics::counter!(metric::RUN_STARTS, "start" => label).increment(1);
+        outcome?;
+        metrics::counter!(metric::RUN_STARTS, "start" => "one_commit").increment(1);
         Ok(())
     }
 
@@ -635,13 +657,28 @@ impl Supervisor {
         let started = Instant::now();
         let queue_ms = analytics::millis(started.duration_since(ctx.timing().requested));
         let history_known = start_written.is_some();
+        let provider = self.inner.providers.for_user(&ctx.owner);
+        // A model behind an API is paid per call, so a run started ahead calls one only
+        // once its start is written: a start that raced another node's write must not
+        // cost a call. Its first words take a round trip to the model anyway; the builtin
+        // agent's come at once and join its start's commit.
+        let mut start_written = start_written;
+        if matches!(provider, Provider::OpenAi(_))
+            && let Some(written) = start_written.take()
+            && written.await != Ok(true)
+        {
+            self.release(&ctx).await;
+            metrics::gauge!(metric::RUNS_ACTIVE).decrement(1.0);
+            self.forget_run(&ctx.run_id);
+            return;
+        }
         // Dropping `work` (stop, deadline) drops the provider's upstream stream with it.
         let work = async {
             if !history_known {
                 ctx.history =
                     self.inner.store.recent_messages(&ctx.thread_id, HISTORY_MESSAGES, ctx.message_seq).await?;
             }
-            self.inner.providers.for_user(&ctx.owner).run(&ctx).await
+            provider.run(&ctx).await
         };
         // A panic in a provider must not skip the run's ending (its slot, its status).
         let work = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work));
@@ -744,13 +781,7 @@ impl Supervisor {
         if let Some(written) = start_written
             && written.await != Ok(true)
         {
-            // Every later write of the run's chain was refused with its start. An empty
-            // closing link releases the chain.
-            let _ = ctx.settle().await;
-            let release = WriteJob { thread_id: ctx.thread_id.clone(), rows: Vec::new(), events: Vec::new() };
-            if let Ok(release) = self.inner.delivery.submit_in(&ctx.run_id, Link::Close, release, &ctx.owner).await {
-                let _ = release.wait().await;
-            }
+            self.release(ctx).await;
             return None;
         }
         let (status, job) = self.ending_job(ctx, &ending, elapsed_ms);
@@ -765,6 +796,21 @@ impl Supervisor {
             self.inner.delivery.registry.tell(&ctx.owner, &frame.into());
         }
         Some(status)
+    }
+
+    /// Releases the chain of writes of a run whose start was not written: every later
+    /// write of it was refused with its start, and an empty closing link ends the chain.
+    async fn release(&self, ctx: &RunContext) {
+        let _ = ctx.settle().await;
+        let release = WriteJob {
+            thread_id: ctx.thread_id.clone(),
+            rows: Vec::new(),
+            events: Vec::new(),
+            expected_last_seq: None,
+        };
+        if let Ok(release) = self.inner.delivery.submit_in(&ctx.run_id, Link::Close, release, &ctx.owner).await {
+            let _ = release.wait().await;
+        }
     }
 
     /// The status and the final write of a run that ended this way.
@@ -905,6 +951,7 @@ fn ending_job(
 ) -> WriteJob {
     let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     WriteJob {
+        expected_last_seq: None,
         thread_id: thread_id.to_string(),
         rows: vec![Row::EndRun {
             run_id: run_id.to_string(),

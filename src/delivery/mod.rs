@@ -77,6 +77,10 @@ pub enum DeliveryError {
     Stopped,
     #[error("an earlier write of this run failed")]
     EarlierWriteFailed,
+    /// The job's thread was written (by another node) since the job was made for it
+    /// ([`WriteJob::expected_last_seq`](crate::store::WriteJob)); nothing of it was written.
+    #[error("the thread was written since this write was made")]
+    Raced,
 }
 
 /// How a job belongs to a run's sequence of writes, which a producer submits without

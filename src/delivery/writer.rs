@@ -90,8 +90,34 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
         }
         merge_deltas(&mut jobs, &mut waiters);
         // The jobs move out of their envelopes into one shared slice: no copy of any payload.
-        let jobs: Arc<[WriteJob]> = jobs.into();
-        match store.write_batch(&jobs).await {
+        let mut jobs: Arc<[WriteJob]> = jobs.into();
+        let mut written = store.write_batch(&jobs).await;
+        // Jobs made for their thread as it no longer is are answered, and the others
+        // written again without them (and without their runs' later writes). Each turn
+        // takes at least one job out.
+        while let Err(StoreError::Raced(raced)) = &written {
+            tracing::debug!(jobs = raced.len(), "a batch had jobs made for their thread as it no longer is");
+            let mut kept = Vec::with_capacity(jobs.len());
+            let mut kept_waiters = Vec::with_capacity(jobs.len());
+            for (j, (job, (waiter, chain))) in jobs.iter().zip(waiters).enumerate() {
+                if raced.contains(&j) {
+                    break_chain(&mut broken, chain.as_ref());
+                    waiter.answer(Err(DeliveryError::Raced));
+                } else if let Some(waiter) = admit(&mut broken, waiter, chain.as_ref()) {
+                    kept.push(job.clone());
+                    kept_waiters.push((waiter, chain));
+                }
+            }
+            (jobs, waiters) = (kept.into(), kept_waiters);
+            if jobs.is_empty() {
+                break;
+            }
+            written = store.write_batch(&jobs).await;
+        }
+        if jobs.is_empty() {
+            continue;
+        }
+        match written {
             Ok(firsts) => {
                 let committed = jobs.iter().zip(waiters.into_iter().map(|(waiter, _)| waiter));
                 publish_all(&route, committed, firsts, &latency);
@@ -100,7 +126,7 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
                 tracing::warn!(error = %e, "event write failed");
                 if let Some((waiter, chain)) = waiters.into_iter().next() {
                     break_chain(&mut broken, chain.as_ref());
-                    waiter.answer(Err(e.into()));
+                    waiter.answer(Err(job_error(e)));
                 }
             }
             Err(e) if matches!(e, StoreError::Unavailable(_)) => {
@@ -122,12 +148,20 @@ pub(super) async fn write_loop(store: Store, route: Arc<Route>, mut rx: mpsc::Re
                         Ok(firsts) => publish_all(&route, std::iter::once((job, waiter)), firsts, &latency),
                         Err(e) => {
                             break_chain(&mut broken, chain.as_ref());
-                            waiter.answer(Err(e.into()));
+                            waiter.answer(Err(job_error(e)));
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// What a job's submitter hears of its write's failure.
+fn job_error(e: StoreError) -> DeliveryError {
+    match e {
+        StoreError::Raced(_) => DeliveryError::Raced,
+        e => DeliveryError::Store(e),
     }
 }
 
@@ -354,7 +388,11 @@ mod tests {
         let (reply, rx) = oneshot::channel();
         let waiter = Waiter { owner: "u".into(), queued_at: Instant::now(), reply, merged: Vec::new() };
         let chain = Chain { run_id: Arc::from(run), link: Link::Next };
-        (WriteJob { thread_id: thread.into(), rows: Vec::new(), events: vec![event] }, (waiter, Some(chain)), rx)
+        (
+            WriteJob { expected_last_seq: None, thread_id: thread.into(), rows: Vec::new(), events: vec![event] },
+            (waiter, Some(chain)),
+            rx,
+        )
     }
 
     fn delta(thread: &str, run: &str, text: &str) -> Submitted {

@@ -41,6 +41,10 @@ pub(super) struct Batch<'a> {
     /// the batch (the thread row's `last_message`, as the write finds it); `None` for an
     /// event that is not a message.
     pub(super) previous: Vec<Option<i64>>,
+    /// For each thread, in the order of `totals`: the `last_seq` it must have before the
+    /// batch for its jobs' expectations ([`WriteJob::expected_last_seq`]) to hold, if any
+    /// of them has one; -1, which no thread has, when they disagree.
+    pub(super) expected: Vec<Option<i64>>,
 }
 
 /// A thread's messages in one batch.
@@ -59,6 +63,7 @@ impl<'a> Batch<'a> {
         let mut places = Vec::with_capacity(jobs.len());
         let mut message_ids = Vec::new();
         let mut previous = Vec::new();
+        let mut expected: Vec<Option<i64>> = Vec::new();
         for job in jobs {
             // The thread's events in the jobs before this one are its total so far.
             let seen = thread_index.get(job.thread_id.as_str()).copied();
@@ -70,8 +75,16 @@ impl<'a> Batch<'a> {
             let i = *thread_index.entry(&job.thread_id).or_insert_with(|| {
                 totals.push((&job.thread_id, 0));
                 messages.push(Said::default());
+                expected.push(None);
                 totals.len() - 1
             });
+            if let Some(last) = job.expected_last_seq {
+                let before = i64::try_from(last).unwrap_or(i64::MAX) - (first - 1);
+                expected[i] = match expected[i] {
+                    Some(other) if other != before => Some(-1),
+                    _ => Some(before),
+                };
+            }
             totals[i].1 += job.events.len() as i64;
             let said = &mut messages[i];
             for (index, place) in (first..).take(job.events.len()).enumerate() {
@@ -86,7 +99,7 @@ impl<'a> Batch<'a> {
                 }
             }
         }
-        Self { jobs, totals, thread_index, messages, places, message_ids, previous }
+        Self { jobs, totals, thread_index, messages, places, message_ids, previous, expected }
     }
 
     /// The events and messages of `thread` in the batch (none for a thread the batch only
@@ -95,8 +108,14 @@ impl<'a> Batch<'a> {
         self.thread_index.get(thread).map_or((0, Said::default()), |&i| (self.totals[i].1, self.messages[i]))
     }
 
+    /// The expectation of `thread`'s jobs in the batch, as [`Batch::expected`] keeps it.
+    pub(super) fn expected_of(&self, thread: &str) -> Option<i64> {
+        self.thread_index.get(thread).and_then(|&i| self.expected[i])
+    }
+
     /// The first `seq` of each job, from the `(id, last_seq)` each thread reached in the
-    /// writing transaction. A thread that is missing or deleted fails the batch (`NotFound`).
+    /// writing transaction. A thread that is missing or deleted fails the batch
+    /// (`NotFound`), and so does a job that expected its thread elsewhere (`Raced`).
     pub(super) fn firsts<'s>(&self, handed_out: impl IntoIterator<Item = (&'s str, i64)>) -> Result<Vec<i64>> {
         // The seq each thread had before the batch, in the order of `totals`.
         let mut before: Vec<Option<i64>> = vec![None; self.totals.len()];
@@ -108,6 +127,10 @@ impl<'a> Batch<'a> {
         if before.contains(&None) {
             return Err(StoreError::NotFound);
         }
+        let raced = self.raced(|i| before[i]);
+        if !raced.is_empty() {
+            return Err(StoreError::Raced(raced));
+        }
         Ok(self
             .jobs
             .iter()
@@ -117,5 +140,21 @@ impl<'a> Batch<'a> {
                 seq.map_or(0, |seq| seq + place)
             })
             .collect())
+    }
+
+    /// The places of the jobs whose expectation does not hold when their threads had
+    /// `before(i)` (the `last_seq` of the thread at `totals[i]` before the batch; `None`
+    /// for a thread that is missing or deleted, which is not a race but `NotFound`).
+    pub(super) fn raced(&self, before: impl Fn(usize) -> Option<i64>) -> Vec<usize> {
+        self.jobs
+            .iter()
+            .zip(&self.places)
+            .enumerate()
+            .filter_map(|(j, (job, place))| {
+                let expected = i64::try_from(job.expected_last_seq?).unwrap_or(i64::MAX);
+                let i = *self.thread_index.get(job.thread_id.as_str())?;
+                before(i).is_some_and(|seq| seq + place - 1 != expected).then_some(j)
+            })
+            .collect()
     }
 }

@@ -197,7 +197,7 @@ mod tests {
             timestamp: String::new(),
             payload: serde_json::value::RawValue::from_string("{}".into()).expect("json"),
         };
-        WriteJob { thread_id: thread.into(), rows, events: vec![event; events] }
+        WriteJob { expected_last_seq: None, thread_id: thread.into(), rows, events: vec![event; events] }
     }
 
     fn contents(cache: &HistoryCache, thread: &str, limit: usize, seq: u64) -> Option<Vec<String>> {

@@ -86,6 +86,10 @@ pub enum StoreError {
     /// The request would break a limit; the message says which.
     #[error("{0}")]
     TooLarge(String),
+    /// Jobs of a batch (their places in it) found their thread written since they were
+    /// made ([`WriteJob::expected_last_seq`]); nothing of the batch was written.
+    #[error("{} jobs found their thread written since they were made", .0.len())]
+    Raced(Vec<usize>),
     #[error("migration {version} failed: {source}")]
     Migration { version: i64, source: sqlx::Error },
 }
@@ -301,6 +305,11 @@ pub struct WriteJob {
     pub thread_id: String,
     pub rows: Vec<Row>,
     pub events: Vec<NewEvent>,
+    /// The thread's `last_seq` the job was made for (a run that took its history from
+    /// memory): the job is written only if its first event gets the seq right after it.
+    /// If another writer (another node) wrote the thread since, the batch fails with
+    /// [`StoreError::Raced`] and writes nothing. `None`: written wherever its turn comes.
+    pub expected_last_seq: Option<u64>,
 }
 
 pub fn now_ms() -> i64 {
@@ -674,15 +683,13 @@ impl Store {
     /// The thread as a job submitted now will find it: the `seq` its writes have reached
     /// and its last `limit` messages (at most [`HISTORY_DEPTH`]), oldest first, from
     /// memory. A thread being created has none, on either backend (no other writer can
-    /// know its new id). An existing one is known only when this node's writer is the
-    /// only one (SQLite) and nothing of the thread is still on its way to the store (the
-    /// caller knows); `None` otherwise.
+    /// know its new id). An existing one is known when this node follows the thread and
+    /// nothing of it is still on its way to the store (the caller knows); `None`
+    /// otherwise. Another node may have written it since (on PostgreSQL): a job made
+    /// from this answer names the `seq` it expects ([`WriteJob::expected_last_seq`]).
     pub fn history_now(&self, thread_id: &str, new_thread: bool, limit: usize) -> Option<(u64, Vec<Arc<Message>>)> {
         if new_thread {
             return Some((0, Vec::new()));
-        }
-        if !matches!(self.writer, Some(Writer::Sqlite(_))) {
-            return None;
         }
         self.history.tail(thread_id, limit.min(HISTORY_DEPTH))
     }
@@ -800,10 +807,21 @@ impl Store {
     #[instrument(skip_all, fields(jobs = jobs.len()))]
     pub async fn write_batch(&self, jobs: &Arc<[WriteJob]>) -> Result<Vec<u64>> {
         let now = now_ms();
-        let firsts = match &self.writer {
-            Some(Writer::Sqlite(writer)) => writer.write(jobs.clone(), now).await?,
-            Some(Writer::Postgres(writer)) => writer.write(jobs, now).await?,
+        let written = match &self.writer {
+            Some(Writer::Sqlite(writer)) => writer.write(jobs.clone(), now).await,
+            Some(Writer::Postgres(writer)) => writer.write(jobs, now).await,
             None => return Err(StoreError::Unavailable("the store has no writer".into())),
+        };
+        let firsts = match written {
+            Ok(firsts) => firsts,
+            Err(StoreError::Raced(raced)) => {
+                // What this node keeps of those threads is behind: their next run reads.
+                for &i in &raced {
+                    self.history.forget(&jobs[i].thread_id);
+                }
+                return Err(StoreError::Raced(raced));
+            }
+            Err(e) => return Err(e),
         };
         let firsts: Vec<u64> = firsts.into_iter().map(|f| u64::try_from(f).unwrap_or(0)).collect();
         for (job, first) in jobs.iter().zip(&firsts) {

@@ -32,7 +32,9 @@ use super::{NewUser, Result, Row, StoreError, WriteJob, shared_outcome};
 /// under the thread's number (`num`), which the same parts return; an event that is a
 /// chat message carries its id and its thread's message before it (from the batch, or
 /// the row's `last_message` as the lock found it, which `message_before` returns), and
-/// its thread's `message_count` and `last_message` follow.
+/// its thread's `message_count` and `last_message` follow. A thread whose jobs expected it
+/// at another `last_seq` ([`Batch::expected`]) is not allocated, under the same lock, so
+/// the statement fails as for a missing one; [`missing_or_raced`] tells the two apart.
 const WRITE_BATCH: &str = "\
 WITH created AS (
     INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq, message_count,
@@ -45,8 +47,8 @@ WITH created AS (
     UPDATE threads t SET last_seq = t.last_seq + a.n, message_count = t.message_count + a.m,
                          message_before = t.last_message, last_message = COALESCE(t.last_seq + a.l, t.last_message),
                          updated_at = $1
-    FROM unnest($8::text[], $9::bigint[], $10::bigint[], $11::bigint[]) AS a (id, n, m, l)
-    WHERE t.id = a.id AND t.deleted_at IS NULL
+    FROM unnest($8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $34::bigint[]) AS a (id, n, m, l, expected)
+    WHERE t.id = a.id AND t.deleted_at IS NULL AND (a.expected IS NULL OR t.last_seq = a.expected)
     RETURNING t.id, t.num, t.last_seq AS last_seq, t.last_seq - a.n AS base, t.message_before
 ), bases AS (
     SELECT id, num, base, message_before FROM created
@@ -175,7 +177,7 @@ impl Writer {
 /// rather than something that may have broken the connection.
 fn answered(e: &StoreError) -> bool {
     match e {
-        StoreError::NotFound => true,
+        StoreError::NotFound | StoreError::Raced(_) => true,
         StoreError::Rejected(cause) => matches!(cause.downcast_ref::<sqlx::Error>(), Some(sqlx::Error::Database(_))),
         _ => false,
     }
@@ -184,16 +186,17 @@ fn answered(e: &StoreError) -> bool {
 async fn write_batch(conn: &mut PgConnection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
     let batch = Batch::new(jobs);
     let columns = Columns::of(&batch);
-    let rows = columns.query(now).fetch_all(&mut *conn).await.map_err(|e| match &e {
-        sqlx::Error::Database(db)
+    let rows = match columns.query(now).fetch_all(&mut *conn).await {
+        Ok(rows) => rows,
+        Err(sqlx::Error::Database(db))
             if db.try_downcast_ref::<PgDatabaseError>().is_some_and(|pg| {
                 pg.code() == "23502" && matches!(pg.column(), Some("seq" | "thread_num" | "thread_id"))
             }) =>
         {
-            StoreError::NotFound
+            return Err(missing_or_raced(conn, &batch).await);
         }
-        _ => StoreError::from(e),
-    })?;
+        Err(e) => return Err(StoreError::from(e)),
+    };
     let allocated = rows
         .iter()
         .map(|row| Ok((row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?)))
@@ -201,6 +204,33 @@ async fn write_batch(conn: &mut PgConnection, jobs: &[WriteJob], now: i64) -> Re
     // A created thread's last seq is its number of events in the batch.
     let created = batch.totals.iter().filter(|(thread, _)| columns.created_ids.contains(thread)).copied();
     batch.firsts(allocated.iter().map(|(id, last)| (id.as_str(), *last)).chain(created))
+}
+
+/// Why a batch found a thread it needs missing: gone (`NotFound`), or written since jobs
+/// that expected it as it was were made (`Raced`, naming them). Read after the failed
+/// statement: a thread's `last_seq` only grows, so an expectation that failed then fails
+/// now. One that held then and fails now (the statement failed for another thread, and
+/// the thread was written in between) is named too: its job is made again, no harm.
+async fn missing_or_raced(conn: &mut PgConnection, batch: &Batch<'_>) -> StoreError {
+    let expecting: Vec<&str> =
+        batch.totals.iter().map(|(thread, _)| *thread).filter(|thread| batch.expected_of(thread).is_some()).collect();
+    if expecting.is_empty() {
+        return StoreError::NotFound;
+    }
+    let found = sqlx::query("SELECT id, last_seq FROM threads WHERE id = ANY($1) AND deleted_at IS NULL")
+        .bind(&expecting)
+        .fetch_all(&mut *conn)
+        .await;
+    let found = match found {
+        Ok(rows) => rows.iter().map(|row| Ok((row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?))).collect(),
+        Err(e) => Err(e),
+    };
+    let found: HashMap<String, i64> = match found {
+        Ok(found) => found,
+        Err(e) => return StoreError::from(e),
+    };
+    let raced = batch.raced(|i| found.get(batch.totals[i].0).copied());
+    if raced.is_empty() { StoreError::NotFound } else { StoreError::Raced(raced) }
 }
 
 /// A user to record and who waits for it.
@@ -269,6 +299,8 @@ struct Columns<'a> {
     allocated_events: Vec<i64>,
     allocated_messages: Vec<i64>,
     allocated_last_messages: Vec<Option<i64>>,
+    /// The `last_seq` a thread must have for the batch to be written ([`Batch::expected`]).
+    allocated_expected: Vec<Option<i64>>,
     event_threads: Vec<&'a str>,
     /// An event's place among its thread's events in the batch, from 1.
     event_places: Vec<i64>,
@@ -344,6 +376,7 @@ impl<'a> Columns<'a> {
             c.allocated_events.push(events);
             c.allocated_messages.push(said.count);
             c.allocated_last_messages.push(said.last);
+            c.allocated_expected.push(batch.expected_of(thread));
         }
         c.event_messages = &batch.message_ids;
         c.event_previous = &batch.previous;
@@ -437,5 +470,6 @@ impl<'a> Columns<'a> {
             .bind(ends.iter().map(|r| r.error).collect::<Vec<_>>())
             .bind(ends.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>())
             .bind(ends.iter().map(|r| r.completion_tokens).collect::<Vec<_>>())
+            .bind(&self.allocated_expected)
     }
 }

@@ -580,6 +580,7 @@ mod tests {
 
     fn job() -> WriteJob {
         WriteJob {
+            expected_last_seq: None,
             thread_id: "th_1".into(),
             rows: vec![Row::CreateThread { owner_id: "u".into(), title: "t".into() }],
             events: vec![],
