@@ -385,11 +385,8 @@ fn components(
                     p.analytics.clone(),
                 );
                 let store = part(&p.store, "store");
-                if store.is_shared() {
-                    // Alive before any run of this node exists: no other node sweeps its runs.
-                    store.renew_lease(&node, store::now_ms()).await.map_err(|e| e.to_string())?;
-                }
-                supervisor.close_interrupted_runs().await.map_err(|e| e.to_string())?;
+                let interrupted = store.node_started(&node, store::now_ms()).await.map_err(|e| e.to_string())?;
+                supervisor.close_interrupted_runs(&interrupted).await.map_err(|e| e.to_string())?;
                 let _ = p.supervisor.set(supervisor);
                 Ok(())
             }

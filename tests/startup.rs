@@ -231,3 +231,27 @@ async fn time_to_ready_is_measured_over_five_starts() {
     let mean = ms.iter().sum::<f64>() / ms.len() as f64;
     eprintln!("spawn to first 200 on /health/ready (ms): {ms:.1?}, mean {mean:.1}");
 }
+
+/// The self-test's thread, run and events are removed once the server is ready (after
+/// readiness is told, off the startup path): the database holds only what users wrote.
+#[tokio::test]
+async fn the_self_test_leaves_nothing_in_the_database() {
+    use sqlx::Connection as _;
+    let pg = common::fresh_pg_url().await;
+    let _server = Spawn::new().env("DATABASE_URL", pg.clone()).ready().await;
+    let mut conn = sqlx::PgConnection::connect(&pg).await.expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let rows: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM threads) + (SELECT count(*) FROM runs) + (SELECT count(*) FROM events)",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("count");
+        if rows == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rows} rows of the self-test are still there");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

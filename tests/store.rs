@@ -530,7 +530,7 @@ async fn a_run_keeps_its_ending_whether_it_starts_in_the_same_batch_or_an_earlie
         assert_eq!(store.run_status(&quick).await.expect("quick"), "completed", "{backend:?}");
         assert_eq!(store.run_status(&slow).await.expect("slow"), "cancelled", "{backend:?}");
         assert_eq!(store.run_status(&twice).await.expect("twice"), "completed", "{backend:?}");
-        assert!(store.interrupted_runs("n").await.expect("none running").is_empty(), "{backend:?}");
+        assert!(store.node_started("n", 0).await.expect("none running").is_empty(), "{backend:?}");
     }
 }
 

@@ -383,9 +383,8 @@ impl Supervisor {
 
     /// Ends the runs a previous process on this node left marked `running`: each gets
     /// a persisted failure so clients that resume see how it ended.
-    pub async fn close_interrupted_runs(&self) -> Result<usize, StartError> {
-        let interrupted = self.inner.store.interrupted_runs(&self.inner.node_id).await.map_err(StartError::Store)?;
-        for run in &interrupted {
+    pub async fn close_interrupted_runs(&self, interrupted: &[InterruptedRun]) -> Result<usize, StartError> {
+        for run in interrupted {
             self.end_interrupted(run, "the run was interrupted when the server stopped").await?;
         }
         Ok(interrupted.len())

@@ -835,14 +835,23 @@ impl Store {
         Ok(firsts)
     }
 
-    /// Marks this node's runs that were still running as `interrupted` and returns them,
-    /// so their threads can be told. Called at startup, before any new run exists.
+    /// A node is starting, before any run of it exists: returns the runs its previous
+    /// process left `running`, to be ended as interrupted. On a store nodes share, the
+    /// node's lease is renewed first, in the same statement (one round trip on the startup
+    /// path): it is alive before any run of it exists, so no other node sweeps its runs.
     #[instrument(skip_all, fields(node_id))]
-    pub async fn interrupted_runs(&self, node_id: &str) -> Result<Vec<InterruptedRun>> {
-        let rows = sqlx::query("SELECT id, thread_id FROM runs WHERE status = 'running' AND node_id = $1")
-            .bind(node_id)
-            .fetch_all(&self.pool)
-            .await?;
+    pub async fn node_started(&self, node_id: &str, now: i64) -> Result<Vec<InterruptedRun>> {
+        const RUNNING: &str = "SELECT id, thread_id FROM runs WHERE status = 'running' AND node_id = $1";
+        let rows = if self.is_shared() {
+            // A data-modifying part of a statement runs whether or not it is read.
+            let statement = format!(
+                "WITH lease AS (INSERT INTO nodes (id, started_at, heartbeat_at) VALUES ($1, $2, $2) \
+                 ON CONFLICT (id) DO UPDATE SET heartbeat_at = $2) {RUNNING}"
+            );
+            sqlx::query(&statement).bind(node_id).bind(now).fetch_all(&self.pool).await?
+        } else {
+            sqlx::query(RUNNING).bind(node_id).fetch_all(&self.pool).await?
+        };
         rows.iter()
             .map(|r| Ok(InterruptedRun { run_id: r.try_get("id")?, thread_id: r.try_get("thread_id")? }))
             .collect()
