@@ -105,9 +105,14 @@ impl Own {
 
     /// Opens the connection ahead of its first use, which would otherwise wait for it
     /// (the startup self-test's first message waited for two: a connection is a few round
-    /// trips). A failure is left to that use, which connects again.
-    pub(super) async fn open_ahead(&mut self) {
-        if let Err(e) = self.run(async |_| Ok(())).await {
+    /// trips), and prepares the one statement it is for: a new server process reads the
+    /// tables' catalog and plans the statement once, off the path of the first use. A
+    /// failure is left to that use, which connects and prepares again.
+    pub(super) async fn open_ahead(&mut self, statement: &'static str) {
+        let prepare = async |conn: &mut PgConnection| {
+            sqlx::Executor::prepare(conn, statement).await.map(drop).map_err(StoreError::from)
+        };
+        if let Err(e) = self.run(prepare).await {
             let name = self.options.get_application_name().unwrap_or("netra");
             tracing::debug!(error = %e, connection = name, "a connection could not be opened ahead");
         }
@@ -163,7 +168,7 @@ impl Writer {
 
     /// Opens the connection ahead of the first batch ([`Own::open_ahead`]).
     pub(super) async fn warm(&self) {
-        self.own.lock().await.open_ahead().await;
+        self.own.lock().await.open_ahead(WRITE_BATCH).await;
     }
 
     /// [`Store::write_batch`](super::Store::write_batch) on PostgreSQL: returns each
@@ -248,7 +253,7 @@ const RECORD_USERS: &str = concat!(
 /// every [`Store`](super::Store) is dropped.
 pub(super) async fn record_users(mut own: Own, mut requests: tokio::sync::mpsc::Receiver<UserRequest>) {
     let mut batch = Vec::new();
-    own.open_ahead().await;
+    own.open_ahead(RECORD_USERS).await;
     while requests.recv_many(&mut batch, 500).await > 0 {
         // One row per user: one statement may not update a row twice. The last claims win.
         let mut index: HashMap<&str, usize> = HashMap::new();
