@@ -337,21 +337,9 @@ impl Store {
             let attempt = AnyPoolOptions::new()
                 .max_connections(max)
                 .min_connections(1)
-                // A connection that sat idle is pinged before use: a server restarted
-                // meanwhile would otherwise fail the read that gets it. One in steady use
-                // is not, as for the writer's ([`postgres::IDLE_CHECK`]): a ping before
-                // every read is a round trip each. A SQLite file handle cannot go stale
-                // the way a socket can.
-                .test_before_acquire(false)
-                .before_acquire(move |conn, meta| {
-                    Box::pin(async move {
-                        if backend == Backend::Postgres && meta.idle_for > postgres::IDLE_CHECK {
-                            // An error closes the connection and the pool takes another.
-                            sqlx::Connection::ping(conn).await?;
-                        }
-                        Ok(true)
-                    })
-                })
+                // A ping before each use is a round trip to the connection's worker
+                // thread; a SQLite file handle cannot go stale the way a socket can.
+                .test_before_acquire(backend == Backend::Postgres)
                 .acquire_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100)))
                 .after_connect(move |conn, _| {
                     Box::pin(async move {

@@ -93,7 +93,7 @@ pub(super) struct Own {
 /// Idle time after which a connection is pinged before use: a server restarted while it
 /// sat idle would otherwise fail the first batch after it (a lost answer cannot be retried
 /// blindly: the batch may have committed). Under load no batch pays for the ping.
-pub(super) const IDLE_CHECK: Duration = Duration::from_secs(1);
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 impl Own {
     /// `name` is what `pg_stat_activity` shows as its `application_name`.
