@@ -378,16 +378,19 @@ struct Allocated<'a> {
 /// The batch in one `BEGIN IMMEDIATE` transaction: the write lock is taken (or waited
 /// for, up to the busy timeout) before the first statement, never upgraded midway.
 ///
-/// Every row is its own execution of one cached single-row statement. On SQLite that is
-/// the cheap shape: no SQL text is built per batch, and a statement that writes one row
-/// needs no statement journal (a multi-row insert inside a transaction writes every page
-/// it touches to one, in case a later row fails).
+/// Every statement is cached (no SQL text is built per batch), and every one is
+/// `OR FAIL`: any failure fails the whole batch, which is rolled back, so no statement
+/// needs a statement journal to undo its own part. SQLite keeps one for every statement
+/// that may abort inside a transaction, in memory up to 64 KiB: allocated and freed
+/// again by every such statement, it made glibc hand the memory back to the kernel each
+/// time, one `madvise` per chat message and a TLB shootdown on both cores with it
+/// (bench/PROFILE.md, 38).
 fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>> {
     let batch = Batch::new(jobs);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         let mut create = tx.prepare_cached(concat!(
-            "INSERT INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq, num) \
+            "INSERT OR FAIL INTO threads (id, owner_id, title, metadata, created_at, updated_at, last_seq, num) \
              VALUES (?1, ?2, ?3, '{}', ?4, ?4, 0, ",
             sqlite_next_thread_num!(),
             ")"
@@ -405,7 +408,7 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
     let mut allocated: Vec<Allocated> = Vec::with_capacity(batch.totals.len());
     {
         let mut allocate = tx.prepare_cached(
-            "UPDATE threads SET last_seq = last_seq + ?2, message_count = message_count + ?3, \
+            "UPDATE OR FAIL threads SET last_seq = last_seq + ?2, message_count = message_count + ?3, \
              message_before = last_message, last_message = COALESCE(last_seq + ?4, last_message), updated_at = ?5 \
              WHERE id = ?1 AND deleted_at IS NULL RETURNING last_seq, num, message_before",
         )?;
@@ -453,14 +456,14 @@ fn write(conn: &mut Connection, jobs: &[WriteJob], now: i64) -> Result<Vec<i64>>
                 Row::CreateThread { .. } | Row::Message { .. } => {}
                 Row::StartRun { run_id, user_id, node_id } => {
                     tx.prepare_cached(
-                        "INSERT INTO runs (id, thread_id, user_id, node_id, started_at, status) \
+                        "INSERT OR FAIL INTO runs (id, thread_id, user_id, node_id, started_at, status) \
                          VALUES (?1, ?2, ?3, ?4, ?5, 'running')",
                     )?
                     .execute(rusqlite::params![run_id, job.thread_id, user_id, node_id, now])?;
                 }
                 Row::EndRun { run_id, status, error, prompt_tokens, completion_tokens } => {
                     tx.prepare_cached(
-                        "UPDATE runs SET status = ?1, ended_at = ?2, error = ?3, prompt_tokens = ?4, \
+                        "UPDATE OR FAIL runs SET status = ?1, ended_at = ?2, error = ?3, prompt_tokens = ?4, \
                          completion_tokens = ?5 WHERE id = ?6",
                     )?
                     .execute(rusqlite::params![
