@@ -8,7 +8,7 @@ mod builtin;
 mod openai;
 pub mod tools;
 
-use foldhash::{HashMap, HashMapExt};
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -311,6 +311,51 @@ struct ActiveRun {
     cancel: CancellationToken,
 }
 
+/// The runs on this node, with how many each user and each thread has: a start checks
+/// its user's limit and whether its thread is quiet without going through every run
+/// (two string compares per run on this node, for every start).
+#[derive(Default)]
+struct ActiveRuns {
+    by_id: HashMap<String, ActiveRun>,
+    per_user: HashMap<String, usize>,
+    per_thread: HashMap<String, usize>,
+}
+
+impl ActiveRuns {
+    fn of_user(&self, user_id: &str) -> usize {
+        self.per_user.get(user_id).copied().unwrap_or(0)
+    }
+
+    fn in_thread(&self, thread_id: &str) -> bool {
+        self.per_thread.contains_key(thread_id)
+    }
+
+    fn insert(&mut self, run_id: String, run: ActiveRun) {
+        *self.per_user.entry(run.user_id.clone()).or_default() += 1;
+        *self.per_thread.entry(run.thread_id.clone()).or_default() += 1;
+        if let Some(replaced) = self.by_id.insert(run_id, run) {
+            self.uncount(&replaced);
+        }
+    }
+
+    fn remove(&mut self, run_id: &str) -> Option<ActiveRun> {
+        let run = self.by_id.remove(run_id)?;
+        self.uncount(&run);
+        Some(run)
+    }
+
+    fn uncount(&mut self, run: &ActiveRun) {
+        for (map, key) in [(&mut self.per_user, &run.user_id), (&mut self.per_thread, &run.thread_id)] {
+            if let Some(n) = map.get_mut(key.as_str()) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(key.as_str());
+                }
+            }
+        }
+    }
+}
+
 struct Inner {
     delivery: Delivery,
     store: Store,
@@ -321,7 +366,7 @@ struct Inner {
     /// How long streamed text is held to be merged into one delta.
     stream_interval: Duration,
     analytics: Analytics,
-    runs: Mutex<HashMap<String, ActiveRun>>,
+    runs: Mutex<ActiveRuns>,
     tracker: TaskTracker,
     accepting: AtomicBool,
 }
@@ -363,14 +408,14 @@ impl Supervisor {
                 deadline,
                 stream_interval,
                 analytics,
-                runs: Mutex::new(HashMap::new()),
+                runs: Mutex::new(ActiveRuns::default()),
                 tracker: TaskTracker::new(),
                 accepting: AtomicBool::new(true),
             }),
         }
     }
 
-    fn runs(&self) -> std::sync::MutexGuard<'_, HashMap<String, ActiveRun>> {
+    fn runs(&self) -> std::sync::MutexGuard<'_, ActiveRuns> {
         self.inner.runs.lock().expect("runs lock is never held across a panic")
     }
 
@@ -488,10 +533,10 @@ impl Supervisor {
         // the store, which this run's history must include.
         let thread_quiet = {
             let mut runs = self.runs();
-            if runs.values().filter(|r| r.user_id == user_id).count() >= self.inner.runs_per_user {
+            if runs.of_user(user_id) >= self.inner.runs_per_user {
                 return Err(StartError::Busy);
             }
-            let quiet = !runs.values().any(|r| r.thread_id == thread_id);
+            let quiet = !runs.in_thread(&thread_id);
             runs.insert(
                 run_id.clone(),
                 ActiveRun { user_id: user_id.to_string(), thread_id: thread_id.clone(), cancel: cancel.clone() },
@@ -885,7 +930,7 @@ impl Supervisor {
     pub fn stop(&self, user_id: &str, run_id: Option<&str>, thread_id: Option<&str>) -> usize {
         let runs = self.runs();
         let mut n = 0;
-        for (id, run) in runs.iter() {
+        for (id, run) in &runs.by_id {
             let selected = match (run_id, thread_id) {
                 (Some(r), _) => r == id,
                 (None, Some(t)) => t == run.thread_id,
@@ -900,7 +945,7 @@ impl Supervisor {
     }
 
     pub fn active_runs(&self) -> usize {
-        self.runs().len()
+        self.runs().by_id.len()
     }
 
     /// Refuses new runs, lets running ones finish within `window`, then cancels the rest
@@ -913,9 +958,9 @@ impl Supervisor {
             tracing::info!(active, window_ms = window.as_millis() as u64, "draining agent runs");
         }
         if tokio::time::timeout(window, self.inner.tracker.wait()).await.is_err() {
-            let names: Vec<String> = self.runs().keys().cloned().collect();
+            let names: Vec<String> = self.runs().by_id.keys().cloned().collect();
             tracing::warn!(runs = ?names, "drain window over; cancelling runs");
-            for run in self.runs().values() {
+            for run in self.runs().by_id.values() {
                 run.cancel.cancel();
             }
             if tokio::time::timeout(Duration::from_secs(5), self.inner.tracker.wait()).await.is_err() {
@@ -982,5 +1027,29 @@ mod tests {
         assert_eq!(failure.public().0, "failed", "clients see a plain failure, the log has the rest");
         let formatted = std::panic::catch_unwind(|| panic!("{} items", 3)).expect_err("panics");
         assert_eq!(panic_message(formatted.as_ref()), "3 items");
+    }
+
+    #[test]
+    fn active_runs_count_each_user_and_thread_until_the_last_run_goes() {
+        let run = |user: &str, thread: &str| ActiveRun {
+            user_id: user.into(),
+            thread_id: thread.into(),
+            cancel: CancellationToken::new(),
+        };
+        let mut runs = ActiveRuns::default();
+        runs.insert("r1".into(), run("ann", "t1"));
+        runs.insert("r2".into(), run("ann", "t2"));
+        runs.insert("r3".into(), run("bob", "t1"));
+        assert_eq!((runs.of_user("ann"), runs.of_user("bob"), runs.of_user("cy")), (2, 1, 0));
+        assert!(runs.in_thread("t1") && runs.in_thread("t2") && !runs.in_thread("t3"));
+        // The same id again replaces the run and its counts.
+        runs.insert("r2".into(), run("bob", "t3"));
+        assert_eq!((runs.of_user("ann"), runs.of_user("bob")), (1, 2));
+        assert!(!runs.in_thread("t2") && runs.in_thread("t3"));
+        assert!(runs.remove("r1").is_some() && runs.remove("r1").is_none());
+        assert!(runs.in_thread("t1"), "bob's run is still in t1");
+        runs.remove("r3");
+        runs.remove("r2");
+        assert!(runs.by_id.is_empty() && runs.per_user.is_empty() && runs.per_thread.is_empty());
     }
 }
